@@ -1,0 +1,1 @@
+"""Checkpoints: layout-independent model weight files, DeepSpeed optimizer state, manifests, resume."""

@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megamobi",
+    version="0.1.0",
+    description="Megatron-style distributed pretraining for MobiLlama (one FFN shared by all layers)",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megamobi", "megamobi.*"]),
+    # Loose lower bounds for users; CI installs the exact pins in requirements/ci.txt.
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "numpy>=1.24",
+        "pyyaml>=6",
+        "sentencepiece>=0.2",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+        "zstandard>=0.22",
+    ],
+    extras_require={
+        "convert": ["transformers>=4.45", "gguf>=0.10"],
+        "logging": ["wandb>=0.17", "tensorboard>=2.15"],
+        "test": ["pytest>=8", "transformers>=4.45", "gguf>=0.10", "megatron-core>=0.12"],
+        # GPU-only speed-ups, imported when present: never required.
+        "gpu": ["flash-attn>=2.5"],
+    },
+)
