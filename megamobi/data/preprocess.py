@@ -190,13 +190,8 @@ class _Job:
     # ---------------------------------------------------------------- consumer
     def _line_base(self, chunk: Chunk) -> int:
         """Lines in earlier chunks of the same file: turns chunk-relative lines into file lines.
-        Cached per file so that the whole run stays linear in the number of chunks."""
-        if self._line_cache[0] != chunk.file_index:
-            first = next(c.index for c in self.chunks if c.file_index == chunk.file_index)
-            self._line_cache = (chunk.file_index, first, sum(
-                s["lines"] for s in self.chunk_stats[first:chunk.index]))
-        _, first, lines = self._line_cache
-        return lines + sum(s["lines"] for s in self.chunk_stats[first + 0:chunk.index][len(self.chunk_stats[first:chunk.index]) - (chunk.index - first):])
+        Chunks are consumed in order, so a running count per file is exact."""
+        return self._file_lines.get(chunk.file_index, 0)
 
     def _source_id(self, name: str) -> int:
         try:
@@ -210,6 +205,9 @@ class _Job:
     def run(self) -> dict:
         work_dir = self.out / WORK_DIR_NAME
         work_dir.mkdir()
+        self._file_lines: dict[int, int] = {}
+        for chunk, stats in zip(self.chunks, self.chunk_stats):
+            self._file_lines[chunk.file_index] = self._file_lines.get(chunk.file_index, 0) + stats["lines"]
         writer = ShardWriter(directory=self.out, samples_per_shard=self.opts.samples_per_shard,
                              first_index=len(self.shards), source_names=self.sources,
                              on_shard_done=self._shard_done)
@@ -284,6 +282,7 @@ class _Job:
             bad_counts[reason] = bad_counts.get(reason, 0) + 1
             if len(self.bad_lines) < MAX_LISTED_BAD_LINES:
                 self.bad_lines.append([chunk.index, chunk.path, line_base + line + 1, reason, detail])
+        self._file_lines[chunk.file_index] = line_base + result.lines
         self.chunk_stats.append({"lines": result.lines, "documents": result.documents,
                                  "empty_documents": result.empty_documents,
                                  "blank_lines": result.blank_lines, "bytes": result.input_bytes,
@@ -295,7 +294,8 @@ class _Job:
 
     def _manifest(self, *, dropped_tail_tokens: int) -> dict:
         totals = {key: sum(s[key] for s in self.chunk_stats)
-                  for key in ("lines", "documents", "empty_documents", "blank_lines", "tokens")}
+                  for key in ("lines", "documents", "empty_documents", "blank_lines")}
+        input_tokens = sum(s["tokens"] for s in self.chunk_stats)
         bad_by_reason: dict[str, int] = {}
         for stats in self.chunk_stats:
             for reason, count in stats["bad"].items():
@@ -321,7 +321,7 @@ class _Job:
             "vocab_size": self.tok.vocab_size,
             "input_format": self.opts.input_format,
             "inputs": self.fingerprint["inputs"],
-            "stats": {**totals, "input_tokens": totals.pop("tokens"),
+            "stats": {**totals, "input_tokens": input_tokens,
                       "dropped_tail_tokens": dropped_tail_tokens,
                       "bad_lines_by_reason": bad_by_reason,
                       "bad_lines_total": sum(bad_by_reason.values())},

@@ -1,0 +1,76 @@
+"""Memory-mapped read access to one or more shard directories."""
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ShardError
+from .indexed_format import SEQ_LEN, TOKEN_DTYPE
+from .manifest import FORMAT_NAME, MANIFEST_NAME, read_json
+from .shard_check import shard_problems
+
+_FIX_HINT = "re-run data_tools/preprocess_amber.py with the same arguments to rebuild the damaged shards"
+
+
+class ShardedDataset:
+    """All samples of the given shard directories, in directory then shard order.
+
+    Opening reads each manifest, stats every file and reads each .idx header (34 bytes):
+    O(number of shards), no per-sample index is built. ds[i] is a read-only uint16 view
+    of SEQ_LEN tokens straight from the memory map."""
+
+    def __init__(self, paths: list[str | Path], *, verify_checksums: bool = False) -> None:
+        if not paths:
+            raise ShardError("no shard directories given")
+        self.sources: list[str] = []
+        self._bins: list[np.memmap] = []
+        self._src_files: list[Path] = []
+        self._src_maps: list[np.ndarray] = []  # local source id -> global id, per shard
+        counts: list[int] = []
+        for directory in map(Path, paths):
+            manifest_path = directory / MANIFEST_NAME
+            if not manifest_path.is_file():
+                raise ShardError(f"{manifest_path}: missing; {directory} is not a finished shard "
+                                 f"directory ({_FIX_HINT})")
+            manifest = read_json(manifest_path)
+            if manifest.get("format") != FORMAT_NAME or manifest.get("seq_length") != SEQ_LEN:
+                raise ShardError(f"{manifest_path}: not a megamobi shard manifest with seq_length "
+                                 f"{SEQ_LEN}")
+            local_to_global = np.array([self._global_source(n) for n in manifest["sources"]] or [0],
+                                       dtype=np.int64)
+            for record in manifest["shards"]:
+                problems = shard_problems(directory, record, checksums=verify_checksums)
+                if problems:
+                    raise ShardError(f"shard {record['name']} in {directory} refused: "
+                                     + "; ".join(problems) + f". To fix: {_FIX_HINT}")
+                n = record["num_samples"]
+                self._bins.append(np.memmap(directory / record["files"]["bin"]["file"], dtype=TOKEN_DTYPE,
+                                            mode="r", shape=(n, SEQ_LEN)))
+                self._src_files.append(directory / record["files"]["src"]["file"])
+                self._src_maps.append(local_to_global)
+                counts.append(n)
+        self._offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+
+    def _global_source(self, name: str) -> int:
+        if name not in self.sources:
+            self.sources.append(name)
+        return self.sources.index(name)
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """Global sample index -> (shard, row)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} out of range [0, {len(self)})")
+        shard = int(np.searchsorted(self._offsets, index, side="right")) - 1
+        return shard, index - int(self._offsets[shard])
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        shard, row = self.locate(int(index))
+        return self._bins[shard][row]
+
+    def sample_sources(self) -> np.ndarray:
+        """Global source id of every sample (int64, one entry per sample). O(N): used only for
+        blending and per-source statistics, never at plain start-up."""
+        parts = [mapping[np.load(path)] for path, mapping in zip(self._src_files, self._src_maps)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)

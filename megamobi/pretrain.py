@@ -1,0 +1,58 @@
+"""Pretraining entry point.
+
+    deepspeed --num_gpus 8 --module megamobi.pretrain --config RUN.yaml [key.sub=value ...]
+    torchrun --nproc_per_node 2 -m megamobi.pretrain --config RUN.yaml
+    launch/pretrain.sh RUN.yaml [overrides]          (SLURM or one machine; see docs/launch.md)
+
+The run config is loaded and validated against the world size before any process group exists,
+so an impossible setting fails in a second with a message that says what to change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from megamobi.config_io import ConfigError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m megamobi.pretrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the run's YAML file, e.g. configs/pretrain-tiny-cpu.yaml")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the run config")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed passes it
+    parser.add_argument("--check-only", action="store_true", help="validate the config for WORLD_SIZE and exit")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from megamobi.training.run_config import load_run_config
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        run = load_run_config(args.config, args.overrides)
+        run.validate(world_size=world_size)
+    except ConfigError as err:
+        print(f"megamobi: error: {err}", file=sys.stderr)
+        return 2
+    if args.check_only:
+        print(f"megamobi: {args.config} is valid for {world_size} process(es)")
+        return 0
+
+    from megamobi.distributed import init_distributed
+    from megamobi.training.loop import NonFiniteLossError, Trainer
+
+    init_distributed()
+    try:
+        Trainer(run).train()
+    except NonFiniteLossError as err:
+        print(f"megamobi: error: {err}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Saving and resuming a run: atomic checkpoint directories, the `latest` pointer, and falling back
+past checkpoints that are incomplete or fail their checksums.
+
+    RUN_DIR/checkpoints/
+      step_0000200/
+        deepspeed/state/...          DeepSpeed's model + optimizer files (every ZeRO partition)
+        model/tp00-pp00.safetensors  layout-independent weights (megamobi.checkpointing.model_files)
+        rng/rank00000.json           each rank's RNG state
+        trainer_state.json           step, consumed samples/tokens, logging run id, ...
+        megamobi.json                manifest + sha256 of every file above; written last
+      latest                         "step_0000200", replaced atomically after the manifest
+
+Every rank writes into `.step_0000200.partial/`; after a barrier rank 0 writes the manifest and
+renames the directory, so a directory named step_* is complete unless its files were changed
+later, which the checksums catch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megamobi.checkpointing.manifest import read_manifest, verify_checkpoint, write_manifest
+from megamobi.model_config import ModelConfig
+
+CHECKPOINTS = "checkpoints"
+DEEPSPEED_DIR = "deepspeed"
+DEEPSPEED_TAG = "state"
+TRAINER_STATE = "trainer_state.json"
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps taken (skipped ones included: they consumed their data)
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+    skipped_steps: int = 0
+    loss: float | None = None
+    wandb_run_id: str | None = None
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoint directories with a manifest, oldest first (not yet checksum-verified)."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / "megamobi.json").is_file())
+
+
+def find_resume_checkpoint(run_dir: str | Path, *, report) -> Path | None:
+    """The newest checkpoint that passes its checksums; broken ones are reported and skipped."""
+    for candidate in reversed(complete_checkpoints(run_dir)):
+        problems = verify_checkpoint(candidate)
+        if not problems:
+            return candidate
+        report(f"skipping checkpoint {candidate}: " + "; ".join(problems[:3]))
+    for partial in checkpoints_dir(run_dir).glob(".step_*.partial") if checkpoints_dir(run_dir).is_dir() else []:
+        report(f"ignoring incomplete checkpoint {partial} (the run stopped while writing it)")
+    return None
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "python": [list(random.getstate()[1]), random.getstate()[0], random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    internal, version, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def broadcast_path(path: Path | None) -> Path | None:
+    """Rank 0's decision, on every rank."""
+    box = [None if path is None else str(path)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return None if box[0] is None else Path(box[0])
+
+
+def save_checkpoint(*, run_dir: Path, engine, state: TrainerState, model_config: ModelConfig,
+                    write_model_files, manifest_info: dict[str, Any], keep_last: int | None) -> Path:
+    """Collective: every rank calls it. `write_model_files(model_dir)` writes this rank's weight file(s)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    name = checkpoint_name(state.step)
+    root = checkpoints_dir(run_dir)
+    final, partial = root / name, root / f".{name}.partial"
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    _barrier()
+    engine.save_checkpoint(str(partial / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
+    write_model_files(partial / "model")
+    _write_json(partial / "rng" / f"rank{rank:05d}.json", rng_state())
+    _barrier()
+    if rank == 0:
+        _write_json(partial / TRAINER_STATE, state.__dict__)
+        write_manifest(partial, model_config=model_config, info=manifest_info)
+        if final.exists():  # a re-run of the same step after a crash: replace it
+            shutil.rmtree(final)
+        partial.rename(final)
+        _write_json(root / "latest.json", {"checkpoint": name})
+        (root / "latest").write_text(name + "\n")
+        if keep_last:
+            for old in complete_checkpoints(run_dir)[:-keep_last]:
+                shutil.rmtree(old)
+    _barrier()
+    return final
+
+
+def load_checkpoint(checkpoint: Path, *, engine) -> TrainerState:
+    """Collective: restore engine (model, optimizer), trainer state and this rank's RNG."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    engine.load_checkpoint(str(checkpoint / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
+                           load_optimizer_states=True, load_lr_scheduler_states=False)
+    state = TrainerState(**json.loads((checkpoint / TRAINER_STATE).read_text()))
+    rng_file = checkpoint / "rng" / f"rank{rank:05d}.json"
+    if rng_file.is_file():  # absent when resuming on more ranks than saved (resharding)
+        set_rng_state(json.loads(rng_file.read_text()))
+    return state
+
+
+def saved_layout(checkpoint: Path) -> dict[str, int]:
+    return read_manifest(checkpoint)["layout"]
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

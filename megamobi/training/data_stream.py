@@ -1,0 +1,63 @@
+"""Training and validation batches for this rank, from the shard datasets.
+
+Shard samples are 2049 tokens. A run with batch.seq_len = L < 2048 cuts each sample into
+2048 / L windows of L + 1 tokens that overlap by one token (2049 = k * L + 1, so nothing is
+wasted); with L = 2048 a window is the sample itself. The sampler then shuffles windows, so
+"consumed samples" in a run always counts training sequences of seq_len tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from megamobi.data import GlobalBatchSampler, build_datasets, collate, eval_batches
+from megamobi.training.run_config import SAMPLE_TOKENS, RunConfig
+
+
+class Windows:
+    """Map-style view of `dataset` as windows of seq_len + 1 tokens."""
+
+    def __init__(self, dataset, seq_len: int):
+        self.dataset = dataset
+        self.seq_len = seq_len
+        self.per_sample = (SAMPLE_TOKENS - 1) // seq_len
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.per_sample
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        sample, window = divmod(index, self.per_sample)
+        start = window * self.seq_len
+        return self.dataset[sample][start:start + self.seq_len + 1]
+
+
+class RunData:
+    def __init__(self, run: RunConfig):
+        train, val = build_datasets(run.data.paths, source_weights=run.data.source_weights,
+                                    val_fraction=run.data.val_fraction, seed=run.data.seed)
+        self.train = Windows(train, run.batch.seq_len)
+        self.val = Windows(val, run.batch.seq_len) if val is not None and len(val) else None
+        self.run = run
+
+    def manifest_checksums(self) -> dict[str, str]:
+        """sha256 of each data directory's manifest.json: which data a checkpoint was trained on."""
+        from megamobi.checkpointing.manifest import sha256_file
+
+        return {path: sha256_file(Path(path) / "manifest.json") for path in self.run.data.paths}
+
+    def train_batches(self, *, consumed_samples: int, dp_rank: int, dp_size: int) -> Iterator[dict]:
+        """Endless micro-batches for this data-parallel rank, continuing after `consumed_samples`."""
+        sampler = GlobalBatchSampler(num_samples=len(self.train), global_batch_size=self.run.batch.global_batch_size,
+                                     micro_batch_size=self.run.batch.micro_batch_size, dp_rank=dp_rank,
+                                     dp_size=dp_size, seed=self.run.data.seed, consumed_samples=consumed_samples)
+        for indices in sampler:
+            yield collate([self.train[i] for i in indices])
+
+    def val_batches(self, *, dp_rank: int, dp_size: int) -> Iterator[dict]:
+        if self.val is None:
+            return iter(())
+        return eval_batches(self.val, self.run.batch.micro_batch_size, dp_rank, dp_size,
+                            max_samples=self.run.train.eval_samples)

@@ -1,0 +1,309 @@
+"""The pretraining loop: a DeepSpeed engine over the (tensor/pipeline) parallel MobiLlama.
+
+Per optimizer step: set the scheduled learning rate, run the global batch (micro-batches with
+gradient accumulation, or DeepSpeed's pipeline schedule), refuse the step if anything is
+non-finite, log one line, maybe validate, maybe checkpoint (every N tokens, or when SLURM warns
+that time is up), and stop at the configured number of steps or tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from megamobi.checkpointing.model_files import TensorShard, shard_file_name, write_model_shard
+from megamobi.model import flops_per_token
+from megamobi.parallel.build import build_parallel_model
+from megamobi.parallel.groups import Layout, ParallelGroups
+from megamobi.parallel.pipeline import sync_shared_ffn_replicas
+from megamobi.parallel.shard_specs import parameter_shard_specs
+from megamobi.training.checkpoint import (
+    TrainerState,
+    broadcast_path,
+    find_resume_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from megamobi.training.data_stream import RunData
+from megamobi.training.ds_config import build_ds_config
+from megamobi.training.metrics import MetricsLogger, memory_gb
+from megamobi.training.optimizer import build_optimizer
+from megamobi.training.run_config import RunConfig
+from megamobi.training.schedule import learning_rate
+from megamobi.version import code_version
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class PreemptionFlag:
+    """Set by SIGUSR1 (SLURM's `--signal=USR1@600` warning) or SIGTERM; checked once per step."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+
+
+def checkpoint_due(*, consumed_tokens_before: int, consumed_tokens_after: int, interval_tokens: int) -> bool:
+    """True when this step crossed a multiple of interval_tokens (3.3B in the paper: every ~2014 steps
+    at 800 x 2048 tokens a step, saved at the first step boundary at or past each multiple)."""
+    if interval_tokens <= 0:
+        return False
+    return consumed_tokens_after // interval_tokens > consumed_tokens_before // interval_tokens
+
+
+class Trainer:
+    def __init__(self, run: RunConfig):
+        self.run = run
+        self.model_config = run.model_config
+        world_size = dist.get_world_size()
+        self.layout = Layout.for_world(world_size=world_size, tensor=run.parallel.tensor, pipeline=run.parallel.pipeline)
+        self.groups = ParallelGroups(self.layout)
+        self.run_dir = Path(run.run_dir)
+        self.rank = dist.get_rank()
+        self.total_steps = run.total_steps
+        self.preempted = PreemptionFlag()
+
+        built = build_parallel_model(self.model_config, self.groups, seed=run.train.seed,
+                                     partition_method=run.parallel.partition_method,
+                                     activation_checkpointing=self.model_config.activation_checkpointing)
+        self.is_pipeline = built.is_pipeline
+        self.loss_fn = self._with_nan_injection(built.loss_fn)
+        ds_config = build_ds_config(run, world_size=world_size)
+        for key, value in built.ds_config_overrides.items():
+            ds_config[key] = {**ds_config.get(key, {}), **value}
+        if self.is_pipeline:
+            built.module.loss_fn = self.loss_fn
+        self.optimizer = build_optimizer(built.module, run.optimizer)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=built.module, optimizer=self.optimizer, config=ds_config,
+            mpu=None if self.is_pipeline else self.groups)
+        self.device = self.engine.device
+        self.data = RunData(run)
+        self.state = TrainerState()
+        self._resume()
+        self.logger = MetricsLogger(run_dir=self.run_dir, config=run.logging, enabled=self.rank == 0,
+                                    total_steps=self.total_steps, run_name=self.run_dir.name,
+                                    wandb_run_id=self.state.wandb_run_id, run_config=dataclasses.asdict(run))
+        self.state.wandb_run_id = self.logger.wandb_run_id or self.state.wandb_run_id
+        self.flops_per_token = flops_per_token(self.model_config, seq_len=run.batch.seq_len)
+
+    # --- non-finite guard --------------------------------------------------------------------
+    def _with_nan_injection(self, loss_fn):
+        poisoned = set(self.run.train.inject_nan_at_steps)
+        if not poisoned:
+            return loss_fn
+
+        def poisoned_loss(logits, labels):
+            loss = loss_fn(logits, labels)
+            return loss * float("nan") if self.state.step in poisoned else loss
+
+        return poisoned_loss
+
+    # --- resume ------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        if not self.run.checkpoint.resume:
+            return
+        found = None
+        if self.rank == 0:
+            found = find_resume_checkpoint(self.run_dir, report=lambda msg: print(f"[megamobi] {msg}", flush=True))
+        found = broadcast_path(found)
+        if found is None:
+            return
+        self.state = load_checkpoint(found, engine=self.engine)
+        if self.is_pipeline:
+            # Replicas are identical when saved; re-broadcast anyway so that a checkpoint edited or
+            # converted by hand can never leave the stages training different FFNs.
+            sync_shared_ffn_replicas(self.engine, self.groups)
+        if self.rank == 0:
+            _truncate_metrics(self.run_dir / "metrics.jsonl", after_step=self.state.step)
+            print(f"[megamobi] resumed from {found} at step {self.state.step} "
+                  f"({self.state.consumed_samples} samples, {self.state.consumed_tokens} tokens)", flush=True)
+
+    # --- one optimizer step --------------------------------------------------------------------
+    def _set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _train_step(self, batches) -> torch.Tensor:
+        """The mean loss over the global batch, the same value on every rank."""
+        if self.is_pipeline:
+            pairs = ((b["input_ids"], b["labels"]) for b in batches)
+            loss = self.engine.train_batch(data_iter=pairs)
+            # DeepSpeed's pipeline engine returns the global mean loss on every rank.
+            return loss.detach().float().reshape(1)
+        total = torch.zeros(1, device=self.device)
+        for _ in range(self.engine.gradient_accumulation_steps()):
+            batch = next(batches)
+            logits = self.engine(batch["input_ids"].to(self.engine.device))
+            loss = self.loss_fn(logits, batch["labels"].to(self.engine.device))
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach().float()
+        total /= self.engine.gradient_accumulation_steps()
+        dist.all_reduce(total, group=self.groups.data_group)
+        return total / self.layout.data
+
+    def train(self) -> TrainerState:
+        run, state = self.run, self.state
+        seq_len, gb = run.batch.seq_len, run.batch.global_batch_size
+        batches = self.data.train_batches(consumed_samples=state.consumed_samples,
+                                          dp_rank=self.groups.data_rank, dp_size=self.layout.data)
+        self.logger.info(f"{self.model_config.name}: layout T={self.layout.tensor} P={self.layout.pipeline} "
+                         f"D={self.layout.data}, ZeRO-{run.parallel.zero_stage}, {run.precision}, "
+                         f"{self.total_steps} steps of {gb} x {seq_len} tokens, code {code_version()}")
+        bad_in_a_row, window_start, window_steps = 0, time.perf_counter(), 0
+        while state.step < self.total_steps:
+            lr = learning_rate(state.step, lr=run.optimizer.lr, min_lr=run.optimizer.min_lr,
+                               warmup_steps=run.optimizer.warmup_steps, total_steps=self.total_steps)
+            self._set_lr(lr)
+            loss = self._train_step(batches).item()
+            grad_norm = self.engine.get_global_grad_norm()
+            grad_norm = None if grad_norm is None else float(grad_norm)
+            skipped = self.optimizer.last_step_skipped or not math.isfinite(loss) or (
+                grad_norm is not None and not math.isfinite(grad_norm))
+            tokens_before = state.consumed_tokens
+            state.step += 1
+            state.consumed_samples += gb
+            state.consumed_tokens += gb * seq_len
+            window_steps += 1
+            if skipped:
+                state.skipped_steps += 1
+                bad_in_a_row += 1
+                self.logger.info(f"step {state.step}: non-finite loss {loss} / grad norm {grad_norm}: "
+                                 f"update skipped ({bad_in_a_row} in a row)")
+                if bad_in_a_row >= run.train.max_bad_steps:
+                    raise NonFiniteLossError(
+                        f"{bad_in_a_row} steps in a row had a non-finite loss or gradient norm (last at step {state.step}). "
+                        f"Lower optimizer.lr, check the data, or resume from the last checkpoint in {self.run_dir}.")
+            else:
+                bad_in_a_row = 0
+                state.loss = loss
+            if state.step % run.train.log_interval == 0 or state.step == self.total_steps or skipped:
+                elapsed = time.perf_counter() - window_start
+                self._log_step(loss=loss, lr=lr, grad_norm=grad_norm, step_time=elapsed / window_steps)
+                window_start, window_steps = time.perf_counter(), 0
+            if run.train.eval_interval and state.step % run.train.eval_interval == 0:
+                self.validate()
+            stop_signal = self._agreed_preemption()
+            due = checkpoint_due(consumed_tokens_before=tokens_before, consumed_tokens_after=state.consumed_tokens,
+                                 interval_tokens=run.checkpoint.interval_tokens)
+            if due or stop_signal or state.step == self.total_steps:
+                self.save()
+            if stop_signal:
+                self.logger.info(f"{stop_signal} received: saved a checkpoint at step {state.step}; "
+                                 "re-run the same command to continue")
+                break
+        self.logger.close()
+        return state
+
+    def _agreed_preemption(self) -> str | None:
+        """All ranks stop together if any rank was signalled (SLURM may signal only some)."""
+        flag = torch.tensor([1.0 if self.preempted.signal_name else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return (self.preempted.signal_name or "a signal on another rank") if flag.item() else None
+
+    def _log_step(self, *, loss: float, lr: float, grad_norm: float | None, step_time: float) -> None:
+        tokens_per_s = self.run.tokens_per_step / step_time / dist.get_world_size()
+        tflops = self.flops_per_token * tokens_per_s / 1e12
+        peak = self.run.logging.peak_tflops
+        on_gpu = torch.cuda.is_available()
+        self.logger.log({
+            "step": self.state.step, "consumed_samples": self.state.consumed_samples,
+            "consumed_tokens": self.state.consumed_tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_s": tokens_per_s * dist.get_world_size(), "tokens_per_s_per_device": tokens_per_s,
+            "tflops_per_device": tflops if on_gpu else None,
+            "mfu": tflops / peak if (on_gpu and peak) else None,
+            "step_time_s": step_time, "memory_gb": memory_gb(), "skipped_steps": self.state.skipped_steps,
+        })
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        if self.data.val is None:
+            return None
+        batches = list(self.data.val_batches(dp_rank=self.groups.data_rank, dp_size=self.layout.data))
+        total, count = torch.zeros(1, device=self.device), torch.zeros(1, device=self.device)
+        if self.is_pipeline:
+            # The pipeline engine fixes activation shapes on first use: only whole micro-batches.
+            batches = [b for b in batches if len(b["input_ids"]) == self.run.batch.micro_batch_size]
+            pairs = iter([(b["input_ids"], b["labels"]) for b in batches])
+            for b in batches:
+                loss = self.engine.eval_batch(data_iter=pairs, num_micro_batches=1)
+                total += float(loss) * len(b["input_ids"])
+                count += len(b["input_ids"])
+        else:
+            self.engine.eval()
+            for b in batches:
+                logits = self.engine(b["input_ids"].to(self.engine.device))
+                total += float(self.loss_fn(logits, b["labels"].to(self.engine.device))) * len(b["input_ids"])
+                count += len(b["input_ids"])
+            self.engine.train()
+        dist.all_reduce(total, group=self.groups.data_group)
+        dist.all_reduce(count, group=self.groups.data_group)
+        val_loss = (total / count.clamp(min=1)).item()
+        self.logger.log({"step": self.state.step, "consumed_samples": self.state.consumed_samples,
+                         "consumed_tokens": self.state.consumed_tokens, "val_loss": val_loss,
+                         "val_samples": int(count.item())})
+        return val_loss
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def save(self) -> Path:
+        path = save_checkpoint(
+            run_dir=self.run_dir, engine=self.engine, state=self.state, model_config=self.model_config,
+            write_model_files=self._write_model_files, keep_last=self.run.checkpoint.keep_last,
+            manifest_info={
+                "step": self.state.step, "consumed_samples": self.state.consumed_samples,
+                "consumed_tokens": self.state.consumed_tokens, "loss": self.state.loss,
+                "layout": {"tensor": self.layout.tensor, "pipeline": self.layout.pipeline,
+                           "data": self.layout.data, "zero_stage": self.run.parallel.zero_stage},
+                "precision": self.run.precision, "run_config": dataclasses.asdict(self.run),
+                "data_manifests": self.data.manifest_checksums(),
+            })
+        self.logger.info(f"saved checkpoint {path}")
+        return path
+
+    def _write_model_files(self, model_dir: Path) -> None:
+        """This rank's weights in fp32 (the optimizer's master copy in bf16 runs), by plain-model key."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        module = self.engine.module
+        specs = parameter_shard_specs(module, self.groups)
+        tensors, shards = {}, {}
+        for name, param in module.named_parameters():
+            # Collective over the data-parallel group under ZeRO: every rank takes part.
+            full = safe_get_full_fp32_param(param)
+            spec = specs[name]
+            if self.groups.data_rank != 0 or spec.is_replica:
+                continue
+            tensors[spec.full_key] = (param.detach().float() if full is None else full).cpu()
+            if spec.split_dim is not None:
+                shards[spec.full_key] = TensorShard(split_dim=spec.split_dim, tensor_rank=self.groups.tensor_rank,
+                                                    tensor_size=self.layout.tensor, full_size=spec.full_size)
+        if self.groups.data_rank == 0:
+            name = shard_file_name(tensor_rank=self.groups.tensor_rank, pipeline_rank=self.groups.pipeline_rank)
+            write_model_shard(model_dir / name, tensors=tensors, shards=shards)
+
+
+def _truncate_metrics(path: Path, *, after_step: int) -> None:
+    """After a resume, drop log lines of steps that the restored checkpoint never saw, so that
+    metrics.jsonl reads as if the run had never been interrupted."""
+    if not path.is_file():
+        return
+    import json
+
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= after_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)

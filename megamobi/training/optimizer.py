@@ -1,0 +1,54 @@
+"""AdamW with the paper's weight decay on matrices only, and a guard that refuses non-finite steps."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megamobi.training.run_config import OptimizerConfig
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay 2-D weights (projections, embeddings); never norms (1-D), as in Llama and the paper."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class FiniteStepAdamW(torch.optim.AdamW):
+    """AdamW that skips the whole update, on every rank, when any rank holds a non-finite gradient.
+
+    DeepSpeed already skips non-finite steps in some modes (fp16, ZeRO 1-2 in fp32) but not in
+    others (ZeRO-0, bf16 without check_grad_overflow); checking here, where every mode ends up,
+    makes the rule the same everywhere. The check is one all-reduce of a single flag per step.
+    """
+
+    def __init__(self, params, *, group: dist.ProcessGroup | None = None, **kwargs):
+        super().__init__(params, **kwargs)
+        self.group = group
+        self.last_step_skipped = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for group in self.param_groups for p in group["params"]]
+        # ZeRO-3 calls step() once per parameter sub-group, sometimes with an empty group.
+        device = params[0].device if params else ("cuda" if torch.cuda.is_available() else "cpu")
+        bad = torch.zeros(1, device=device)
+        for p in params:
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                bad.fill_(1.0)
+        if dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.group)
+        self.last_step_skipped = bool(bad.item())
+        if self.last_step_skipped:
+            return None
+        return super().step(closure)
+
+
+def build_optimizer(model: nn.Module, config: OptimizerConfig) -> FiniteStepAdamW:
+    # foreach=False: the same arithmetic on every layout, so parallel runs match the single process.
+    return FiniteStepAdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas,
+                           eps=config.eps, weight_decay=config.weight_decay, foreach=False)

@@ -1,0 +1,182 @@
+"""One YAML file describes a run. Loaded into typed dataclasses and checked before any process starts.
+
+    python -m megamobi.pretrain --config configs/pretrain-tiny-cpu.yaml optimizer.lr=1e-3 train.steps=50
+
+Everything that can be checked without a process group is checked in `validate()`; the checks that
+need the world size (batch divisibility, layout) take it as an argument, so the launcher can run
+them on the login node too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+from megamobi.config_io import ConfigError, apply_overrides, from_dict, read_yaml
+from megamobi.model_config import ModelConfig, load_model_config, resolve_model_config_path
+
+SAMPLE_TOKENS = 2049  # every shard sample: 2048 inputs + 1 shifted label (Amber's windows)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    paths: list[str]
+    source_weights: dict[str, float] | None = None
+    val_fraction: float = 0.0
+    seed: int = 1234
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchConfig:
+    micro_batch_size: int
+    global_batch_size: int  # in sequences
+    # Each 2049-token sample is cut into 2048 / seq_len windows of seq_len + 1 tokens (no waste,
+    # because 2049 = k * seq_len + 1), so small models can train on short sequences.
+    seq_len: int = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 3.0e-4
+    min_lr: float = 3.0e-5
+    warmup_steps: int = 2000
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1.0e-8
+    weight_decay: float = 0.1  # never applied to norms
+    clip_grad: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    # Give exactly one of steps / tokens; the cosine schedule ends at the last step.
+    steps: int | None = None
+    tokens: int | None = None
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 0  # 0: no validation
+    eval_samples: int = 64
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    # Test hook: make the loss NaN at these steps, to exercise the non-finite-step guard.
+    inject_nan_at_steps: list[int] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    zero_stage: int = 1
+    partition_method: str = "parameters"  # pipeline stage balancing
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    interval_tokens: int = 0  # 0: only at the end and on SLURM's warning signal
+    keep_last: int | None = None  # None keeps every checkpoint (the paper released 300+)
+    resume: bool = True  # continue from the latest complete checkpoint in run_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    wandb: bool = False
+    wandb_project: str = "megamobi"
+    wandb_mode: Literal["offline", "online"] = "offline"
+    tensorboard: bool = False
+    # Dense bf16 peak of one device in TFLOP/s, for MFU (A100: 312, H100/H200: 989). None: n/a.
+    peak_tflops: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    run_dir: str
+    model: str | ModelConfig  # a name in configs/, a path, or an inline mapping
+    data: DataConfig
+    batch: BatchConfig
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train: TrainConfig = TrainConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    precision: Literal["bf16", "fp32"] = "bf16"
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+    deepspeed: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra ds_config keys, passed through
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.model if isinstance(self.model, ModelConfig) else load_model_config(self.model)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch.global_batch_size * self.batch.seq_len
+
+    @property
+    def total_steps(self) -> int:
+        if self.train.steps is not None:
+            return self.train.steps
+        return -(-self.train.tokens // self.tokens_per_step)
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.parallel.tensor * self.parallel.pipeline)
+
+    def accumulation_steps(self, world_size: int) -> int:
+        return self.batch.global_batch_size // (self.batch.micro_batch_size * self.data_parallel_size(world_size))
+
+    def validate(self, *, world_size: int | None = None) -> None:
+        """Raise ConfigError for settings that cannot work; `world_size` adds the layout checks."""
+        model = self.model_config
+        b, o, t = self.batch, self.optimizer, self.train
+        if b.micro_batch_size <= 0 or b.global_batch_size <= 0:
+            raise ConfigError("batch.micro_batch_size and batch.global_batch_size must be positive")
+        if b.seq_len > model.max_seq_len:
+            raise ConfigError(f"batch.seq_len {b.seq_len} is longer than the model's max_seq_len {model.max_seq_len}")
+        if b.seq_len <= 0 or (SAMPLE_TOKENS - 1) % b.seq_len:
+            raise ConfigError(f"batch.seq_len {b.seq_len} must divide {SAMPLE_TOKENS - 1} (shard samples are {SAMPLE_TOKENS} tokens)")
+        if (t.steps is None) == (t.tokens is None):
+            raise ConfigError("give exactly one of train.steps and train.tokens")
+        if self.total_steps <= 0:
+            raise ConfigError("train.steps / train.tokens must be positive")
+        if o.warmup_steps < 0 or o.warmup_steps > self.total_steps:
+            raise ConfigError(f"optimizer.warmup_steps {o.warmup_steps} must be within 0..{self.total_steps} (the run's steps)")
+        if not 0 <= o.min_lr <= o.lr:
+            raise ConfigError(f"optimizer.min_lr {o.min_lr} must be within 0..lr ({o.lr})")
+        if o.clip_grad <= 0:
+            raise ConfigError("optimizer.clip_grad must be positive (DeepSpeed would otherwise clip at 1.0 silently)")
+        if not 0 <= self.data.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction {self.data.val_fraction} must be within [0, 1)")
+        if not self.data.paths:
+            raise ConfigError("data.paths is empty: give the directories written by data_tools/preprocess_amber.py")
+        for path in self.data.paths:
+            if not (Path(path) / "manifest.json").is_file():
+                raise ConfigError(f"data.paths: {path} has no manifest.json; build it with data_tools/preprocess_amber.py")
+        if self.parallel.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage must be 0..3, got {self.parallel.zero_stage}")
+        if t.log_interval <= 0 or t.max_bad_steps <= 0:
+            raise ConfigError("train.log_interval and train.max_bad_steps must be positive")
+        if world_size is not None:
+            from megamobi.parallel.tensor_plan import validate_layout
+
+            validate_layout(model, tensor=self.parallel.tensor, pipeline=self.parallel.pipeline,
+                            world_size=world_size, zero_stage=self.parallel.zero_stage)
+            d = self.data_parallel_size(world_size)
+            if b.global_batch_size % (b.micro_batch_size * d):
+                raise ConfigError(
+                    f"batch.global_batch_size {b.global_batch_size} is not divisible by micro_batch_size x data-parallel size "
+                    f"= {b.micro_batch_size} x {d}; pick a global batch that is a multiple of {b.micro_batch_size * d}"
+                )
+
+
+def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read RUN.yaml, apply `key.sub=value` overrides, resolve the model reference, validate."""
+    path = Path(path)
+    data = apply_overrides(read_yaml(path), list(overrides), where=f"{path} (command-line overrides)")
+    if isinstance(data.get("model"), str):
+        # A model reference is resolved relative to the repo's configs/ or as a path; fail here, not later.
+        resolved = resolve_model_config_path(data["model"])
+        if not resolved.is_file():
+            raise ConfigError(f"{path}: model: {data['model']!r} is neither a config in configs/ nor a file")
+        data["model"] = dataclasses.asdict(load_model_config(resolved))
+    config = from_dict(RunConfig, data, where=str(path))
+    try:
+        config.validate()
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return config

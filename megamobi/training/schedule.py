@@ -1,0 +1,20 @@
+"""The paper's learning-rate schedule: linear warmup, then cosine decay to min_lr at the last step.
+
+Same formula as the released MobiLlama / TinyLlama scripts, indexed by optimizer step:
+    lr(s) = lr * s / warmup                                    for s < warmup
+    lr(s) = min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2     p = (s - warmup) / (total - warmup)
+and min_lr from the last step on. Steps skipped for non-finite values do not advance it.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def learning_rate(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    if step < warmup_steps:
+        return lr * step / warmup_steps
+    if step >= total_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))

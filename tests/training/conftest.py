@@ -1,0 +1,57 @@
+"""Shared fixtures for training tests: real shards on disk and a small run config."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megamobi.config_io import from_dict
+from megamobi.data.preprocess import PreprocessOptions, preprocess
+from megamobi.training.run_config import RunConfig
+
+VOCAB = 512
+MODEL = {"name": "test-tiny", "vocab_size": VOCAB, "hidden_size": 32, "num_layers": 3, "num_attention_heads": 4,
+         "intermediate_size": 48, "max_seq_len": 64, "ffn_sharing": "shared"}
+
+
+@pytest.fixture(scope="session")
+def token_shards(tmp_path_factory) -> Path:
+    """48 Amber-style samples of random tokens from two sources, written by the real preprocessor."""
+    root = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    with open(root / "train_000.jsonl", "w") as f:
+        for i in range(48):
+            tokens = rng.integers(0, VOCAB, 2049).tolist()
+            f.write(json.dumps({"token_ids": tokens, "source": "c4" if i % 3 else "arxiv"}) + "\n")
+    out = root / "shards"
+    preprocess(PreprocessOptions(inputs=[str(root / "train_000.jsonl")], output=str(out), vocab_size=VOCAB,
+                                 samples_per_shard=20, progress=False))
+    return out
+
+
+def make_run(run_dir: Path, shards: Path, **sections) -> RunConfig:
+    """A fp32 run of the test model: 6 steps of 8 sequences x 32 tokens; override any section."""
+    data = {
+        "run_dir": str(run_dir), "model": dict(MODEL),
+        "data": {"paths": [str(shards)], "seed": 7},
+        "batch": {"micro_batch_size": 2, "global_batch_size": 8, "seq_len": 32},
+        "optimizer": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2, "clip_grad": 1.0},
+        "train": {"steps": 6, "seed": 11, "log_interval": 1},
+        "parallel": {"zero_stage": 1},
+        "precision": "fp32",
+        "checkpoint": {"interval_tokens": 0},
+    }
+    for section, values in sections.items():
+        data[section] = {**data[section], **values} if isinstance(data.get(section), dict) else values
+    run = from_dict(RunConfig, data, where="test")
+    run.validate()
+    return run
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    return [m["loss"] for m in read_metrics(run_dir) if "loss" in m]
