@@ -23,6 +23,7 @@ from megamobi.convert.hf_keys import MLP_PROJS, TORCH_DTYPES, check_megamobi_sta
 from megamobi.model_config import ModelConfig
 
 FfnSharing = Literal["shared", "per_layer", "auto"]
+REQUIRED_HF_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 
 
 class HFWeights:
@@ -96,11 +97,17 @@ def _read_hf_config(model_dir: Path) -> dict[str, Any]:
         unsupported.append(f"hidden_act {cfg['hidden_act']!r} (megamobi uses silu)")
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         unsupported.append("attention_bias / mlp_bias (megamobi has no biases)")
+    # transformers 4 writes `rope_scaling` (None when plain); transformers 5 writes `rope_parameters`.
     scaling = cfg.get("rope_scaling") or {}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
-    params_type = (cfg.get("rope_parameters") or {}).get("rope_type", "default")
-    if rope_type != "default" or params_type != "default":
-        unsupported.append(f"RoPE scaling {rope_type if rope_type != 'default' else params_type!r}")
+    rope_types = {scaling.get("rope_type", scaling.get("type", "default")),
+                  (cfg.get("rope_parameters") or {}).get("rope_type", "default")} - {"default"}
+    if rope_types:
+        unsupported.append(f"RoPE scaling {sorted(rope_types)[0]!r}")
+    missing = [key for key in REQUIRED_HF_KEYS if not isinstance(cfg.get(key), int) or cfg[key] <= 0]
+    if missing:
+        unsupported.append(f"missing or non-positive {', '.join(missing)}")
+    elif cfg["hidden_size"] % cfg["num_attention_heads"]:
+        unsupported.append("hidden_size not divisible by num_attention_heads")
     if unsupported:
         raise ConversionError(f"{path}: unsupported by megamobi: {'; '.join(unsupported)}")
     return cfg
@@ -193,7 +200,7 @@ def import_hf(
             init_std=float(cfg.get("initializer_range", 0.02)),
             activation_checkpointing=bool(hint.get("activation_checkpointing", False)),
         )
-    except (ConfigError, KeyError) as err:
+    except ConfigError as err:
         raise ConversionError(f"{model_dir}/config.json: cannot build a megamobi model config: {err}") from err
 
     torch_dtype = TORCH_DTYPES[dtype]

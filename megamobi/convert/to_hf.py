@@ -8,6 +8,7 @@ for one shard, so scripts see one layout), `config.json`, `generation_config.jso
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -52,6 +53,12 @@ def plan_shards(entries: list[tuple[str, torch.Tensor]], *, max_shard_bytes: int
         shards[-1].append(key)
         used += nbytes
     return shards
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _prepare_output_dir(output_dir: Path, *, overwrite: bool) -> None:
@@ -107,6 +114,8 @@ def export_hf(
             total_bytes += tensors[key].numel() * tensors[key].element_size()
             weight_map[key] = file_name
         save_file(tensors, str(output_dir / file_name), metadata={"format": "pt"})
+        # safetensors creates files 0600; an export is meant to be shared, so honour the umask instead.
+        os.chmod(output_dir / file_name, 0o666 & ~_umask())
         bar.update(len(keys))
         del tensors
     bar.close()

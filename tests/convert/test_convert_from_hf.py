@@ -93,18 +93,23 @@ def test_auto_detects_shared_without_hint_and_per_layer_forced(checkpoints, tmp_
         len(read_full_model(tmp_path / "auto")) + 3 * (model.config.num_layers - 1)
 
 
-def test_stock_transformers_llama_imports_and_matches(tmp_path):
+@pytest.mark.parametrize("tied", [False, True])
+def test_stock_transformers_llama_imports_and_matches(tied, tmp_path):
     transformers = pytest.importorskip("transformers")
     hf_config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                         rms_norm_eps=1e-6, rope_theta=50000.0, tie_word_embeddings=False)
+                                         rms_norm_eps=1e-6, rope_theta=50000.0, tie_word_embeddings=tied,
+                                         initializer_range=0.1)
     torch.manual_seed(3)
     hf = transformers.LlamaForCausalLM(hf_config).eval()
     hf.save_pretrained(tmp_path / "stock")
     config = import_hf(tmp_path / "stock", tmp_path / "ckpt")
     assert (config.ffn_sharing, config.kv_heads, config.rope_theta, config.rms_norm_eps) == ("per_layer", 2, 50000.0, 1e-6)
     model = MobiLlama(config).eval()
-    model.load_state_dict(read_full_model(tmp_path / "ckpt"))
+    state = read_full_model(tmp_path / "ckpt")
+    # A tied source (no lm_head.weight saved) starts megamobi's untied head from the embedding.
+    assert torch.equal(state["lm_head.weight"], state["embed_tokens.weight"]) == tied
+    model.load_state_dict(state)
     tokens = random_tokens(VOCAB)
     with torch.no_grad():
         assert (model(tokens) - hf(tokens).logits).abs().max().item() < 1e-4

@@ -150,7 +150,7 @@ def parallel_run(rank: int, config: ModelConfig, layout: tuple[int, int, int], p
     kwargs = {} if built.is_pipeline else {"mpu": groups}
     engine, *_ = deepspeed.initialize(model=built.module, optimizer=optimizer, config=ds_config, **kwargs)
     tied_grads: dict = {}
-    if built.is_pipeline:
+    if built.is_pipeline and config.ffn_sharing == "shared":
         _snapshot_tied_grads(engine, groups, tied_grads)
 
     losses, norms, replicas_ok = [], [], []

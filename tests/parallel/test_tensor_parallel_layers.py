@@ -109,6 +109,18 @@ def _layers_job(rank: int) -> dict:
     back = reduce_scatter_to_sequence_parallel_region(full, tg)
     back.sum().backward()
     out["sequence"] = (tuple(local.shape), _np(full), _np(back), _np(s.grad))
+
+    # Sequence-parallel layers: embedding -> column -> row keep the residual stream sharded along seq.
+    semb = VocabParallelEmbedding.from_embedding(emb, groups=groups, sequence_parallel=True)
+    scol = ColumnParallelLinear.from_linear(lin_col, groups=groups, sequence_parallel=True)
+    srow = RowParallelLinear.from_linear(lin_row, groups=groups, sequence_parallel=True)
+    y = srow(torch.tanh(scol(semb(ids))))
+    y.pow(2).sum().backward()
+    lin_col.weight.grad = None
+    yr = lin_row(torch.tanh(lin_col(emb(ids))))
+    yr.pow(2).sum().backward()
+    half = slice(2 * groups.tensor_rank, 2 * groups.tensor_rank + 2)
+    out["sequence_layers"] = (_np(y), _np(yr[:, half]), _np(_gather(scol.weight.grad, tg, 0)), _np(lin_col.weight.grad))
     return out
 
 
@@ -165,6 +177,13 @@ def test_sequence_parallel_primitives(layers_results):
         # the owner's factor (r + 1), scatter -> all-gather: every rank sees [2 * 1, 2 * 2] by halves.
         np.testing.assert_allclose(grad[:, :2], 2.0, atol=1e-6)
         np.testing.assert_allclose(grad[:, 2:], 4.0, atol=1e-6)
+
+
+def test_sequence_parallel_layers(layers_results):
+    for r in layers_results:
+        y, y_ref_shard, gcol, gcol_ref = r["sequence_layers"]
+        np.testing.assert_allclose(y, y_ref_shard, atol=1e-6)
+        np.testing.assert_allclose(gcol, gcol_ref, atol=1e-6)
 
 
 def test_cross_entropy_single_rank_equals_plain():
