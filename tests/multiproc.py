@@ -46,13 +46,19 @@ def _child(fn, rank: int, world_size: int, port: int, args: tuple, queue) -> Non
         queue.put((rank, False, traceback.format_exc()))
 
 
-def run_ranks(fn, *, world_size: int, args: tuple = (), timeout: float = 600.0) -> list:
+def start_ranks(fn, *, world_size: int, args: tuple = ()):
+    """Start the ranks without waiting: (processes, result queue). For tests that kill -9 a job."""
     queue = _FORK.SimpleQueue()
     port = free_port()
     procs = [_FORK.Process(target=_child, args=(fn, r, world_size, port, args, queue), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
+    return procs, queue
+
+
+def run_ranks(fn, *, world_size: int, args: tuple = (), timeout: float = 600.0) -> list:
+    procs, queue = start_ranks(fn, world_size=world_size, args=args)
     results: dict[int, object] = {}
     failures: list[str] = []
     try:

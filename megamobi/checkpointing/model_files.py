@@ -49,10 +49,15 @@ def write_model_shard(path: str | Path, *, tensors: dict[str, torch.Tensor], sha
 
 def read_full_model(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of the plain model, merged from whichever layout wrote the checkpoint."""
-    model_dir = Path(checkpoint_dir) / MODEL_DIR
+    return read_full_tensors(checkpoint_dir, MODEL_DIR)
+
+
+def read_full_tensors(checkpoint_dir: str | Path, subdir: str) -> dict[str, torch.Tensor]:
+    """Merge the shard files of `checkpoint_dir/subdir` (model weights, or optimizer state)."""
+    model_dir = Path(checkpoint_dir) / subdir
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{model_dir}: no model weight files (*.safetensors); is this a megamobi checkpoint?")
+        raise FileNotFoundError(f"{model_dir}: no tensor files (*.safetensors); is this a megamobi checkpoint?")
     whole: dict[str, torch.Tensor] = {}
     pieces: dict[str, list[tuple[TensorShard, torch.Tensor]]] = {}
     for file in files:

@@ -4,7 +4,8 @@ past checkpoints that are incomplete or fail their checksums.
     RUN_DIR/checkpoints/
       step_0000200/
         deepspeed/state/...          DeepSpeed's model + optimizer files (every ZeRO partition)
-        model/tp00-pp00.safetensors  layout-independent weights (megamobi.checkpointing.model_files)
+        model/tp00-pp00.safetensors  layout-independent fp32 weights  } megamobi.training.portable_state
+        optimizer/tp00-pp00.safetensors  ... and AdamW moments        }
         rng/rank00000.json           each rank's RNG state
         trainer_state.json           step, consumed samples/tokens, logging run id, ...
         megamobi.json                manifest + sha256 of every file above; written last
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megamobi.checkpointing.manifest import read_manifest, verify_checkpoint, write_manifest
+from megamobi.checkpointing.manifest import verify_checkpoint, write_manifest
 from megamobi.model_config import ModelConfig
 
 CHECKPOINTS = "checkpoints"
@@ -46,6 +47,7 @@ class TrainerState:
     skipped_steps: int = 0
     loss: float | None = None
     wandb_run_id: str | None = None
+    adam_step: int = 0  # AdamW's own step count (skipped steps do not advance it)
 
 
 def checkpoint_name(step: int) -> str:
@@ -111,8 +113,8 @@ def broadcast_path(path: Path | None) -> Path | None:
 
 
 def save_checkpoint(*, run_dir: Path, engine, state: TrainerState, model_config: ModelConfig,
-                    write_model_files, manifest_info: dict[str, Any], keep_last: int | None) -> Path:
-    """Collective: every rank calls it. `write_model_files(model_dir)` writes this rank's weight file(s)."""
+                    write_portable_state, manifest_info: dict[str, Any], keep_last: int | None) -> Path:
+    """Collective: every rank calls it. `write_portable_state(dir)` writes the layout-independent files."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     name = checkpoint_name(state.step)
     root = checkpoints_dir(run_dir)
@@ -122,7 +124,7 @@ def save_checkpoint(*, run_dir: Path, engine, state: TrainerState, model_config:
         partial.mkdir(parents=True)
     _barrier()
     engine.save_checkpoint(str(partial / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
-    write_model_files(partial / "model")
+    write_portable_state(partial)
     _write_json(partial / "rng" / f"rank{rank:05d}.json", rng_state())
     _barrier()
     if rank == 0:
@@ -145,15 +147,15 @@ def load_checkpoint(checkpoint: Path, *, engine) -> TrainerState:
     rank = dist.get_rank() if dist.is_initialized() else 0
     engine.load_checkpoint(str(checkpoint / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
                            load_optimizer_states=True, load_lr_scheduler_states=False)
-    state = TrainerState(**json.loads((checkpoint / TRAINER_STATE).read_text()))
+    state = read_trainer_state(checkpoint)
     rng_file = checkpoint / "rng" / f"rank{rank:05d}.json"
     if rng_file.is_file():  # absent when resuming on more ranks than saved (resharding)
         set_rng_state(json.loads(rng_file.read_text()))
     return state
 
 
-def saved_layout(checkpoint: Path) -> dict[str, int]:
-    return read_manifest(checkpoint)["layout"]
+def read_trainer_state(checkpoint: Path) -> TrainerState:
+    return TrainerState(**json.loads((checkpoint / TRAINER_STATE).read_text()))
 
 
 def _barrier() -> None:

@@ -18,23 +18,27 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from megamobi.checkpointing.model_files import TensorShard, shard_file_name, write_model_shard
+from megamobi.checkpointing.manifest import read_manifest
+from megamobi.checkpointing.model_files import read_full_model
+from megamobi.checkpointing.safe_deepspeed import use_safe_loading
 from megamobi.model import flops_per_token
 from megamobi.parallel.build import build_parallel_model
 from megamobi.parallel.groups import Layout, ParallelGroups
 from megamobi.parallel.pipeline import sync_shared_ffn_replicas
-from megamobi.parallel.shard_specs import parameter_shard_specs
+from megamobi.parallel.shard_specs import load_full_state_dict
 from megamobi.training.checkpoint import (
     TrainerState,
     broadcast_path,
     find_resume_checkpoint,
     load_checkpoint,
+    read_trainer_state,
     save_checkpoint,
 )
 from megamobi.training.data_stream import RunData
 from megamobi.training.ds_config import build_ds_config
 from megamobi.training.metrics import MetricsLogger, memory_gb
 from megamobi.training.optimizer import build_optimizer
+from megamobi.training.portable_state import adam_step, load_portable_optimizer_state, write_portable_state
 from megamobi.training.run_config import RunConfig
 from megamobi.training.schedule import learning_rate
 from megamobi.version import code_version
@@ -76,11 +80,23 @@ class Trainer:
         self.total_steps = run.total_steps
         self.preempted = PreemptionFlag()
 
+        resume_from = self._find_resume_checkpoint()
+        saved_layout = read_manifest(resume_from).get("layout") if resume_from else None
+        # Same layout: DeepSpeed restores its own files exactly. Any other layout (or a weights-only
+        # checkpoint such as `convert from-hf` writes) goes through the plain-model files.
+        reshard = resume_from is not None and saved_layout != self._layout_record()
+        init_from = resume_from if reshard else None
+        if resume_from is None and run.checkpoint.init_from:
+            init_from = Path(run.checkpoint.init_from)
+
         built = build_parallel_model(self.model_config, self.groups, seed=run.train.seed,
                                      partition_method=run.parallel.partition_method,
                                      activation_checkpointing=self.model_config.activation_checkpointing)
+        if init_from is not None:
+            load_full_state_dict(built.module, self.groups, read_full_model(init_from))
         self.is_pipeline = built.is_pipeline
-        self.loss_fn = self._with_nan_injection(built.loss_fn)
+        self._zero_loss = False
+        self.loss_fn = self._guarded_loss(built.loss_fn)
         ds_config = build_ds_config(run, world_size=world_size)
         for key, value in built.ds_config_overrides.items():
             ds_config[key] = {**ds_config.get(key, {}), **value}
@@ -90,47 +106,76 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(
             model=built.module, optimizer=self.optimizer, config=ds_config,
             mpu=None if self.is_pipeline else self.groups)
+        use_safe_loading(self.engine)
         self.device = self.engine.device
         self.data = RunData(run)
         self.state = TrainerState()
-        self._resume()
+        if resume_from is not None:
+            self._resume(resume_from, reshard=reshard)
+        elif init_from is not None and self.rank == 0:
+            print(f"[megamobi] initialised the model from {init_from} (weights only; fresh optimizer)", flush=True)
         self.logger = MetricsLogger(run_dir=self.run_dir, config=run.logging, enabled=self.rank == 0,
                                     total_steps=self.total_steps, run_name=self.run_dir.name,
                                     wandb_run_id=self.state.wandb_run_id, run_config=dataclasses.asdict(run))
         self.state.wandb_run_id = self.logger.wandb_run_id or self.state.wandb_run_id
         self.flops_per_token = flops_per_token(self.model_config, seq_len=run.batch.seq_len)
 
-    # --- non-finite guard --------------------------------------------------------------------
-    def _with_nan_injection(self, loss_fn):
+    def _layout_record(self) -> dict[str, int]:
+        return {"tensor": self.layout.tensor, "pipeline": self.layout.pipeline, "data": self.layout.data,
+                "zero_stage": self.run.parallel.zero_stage}
+
+    # --- loss hooks -------------------------------------------------------------------------
+    def _guarded_loss(self, loss_fn):
+        """The model's loss, times 0 while priming a resharded optimizer, and NaN at the steps a test
+        asked for (train.inject_nan_at_steps) to exercise the non-finite guard."""
         poisoned = set(self.run.train.inject_nan_at_steps)
-        if not poisoned:
-            return loss_fn
 
-        def poisoned_loss(logits, labels):
-            loss = loss_fn(logits, labels)
-            return loss * float("nan") if self.state.step in poisoned else loss
+        def loss(logits, labels):
+            value = loss_fn(logits, labels)
+            if self._zero_loss:
+                return value * 0.0
+            return value * float("nan") if self.state.step in poisoned else value
 
-        return poisoned_loss
+        return loss
 
     # --- resume ------------------------------------------------------------------------------
-    def _resume(self) -> None:
+    def _find_resume_checkpoint(self) -> Path | None:
         if not self.run.checkpoint.resume:
-            return
+            return None
         found = None
         if self.rank == 0:
             found = find_resume_checkpoint(self.run_dir, report=lambda msg: print(f"[megamobi] {msg}", flush=True))
-        found = broadcast_path(found)
-        if found is None:
-            return
-        self.state = load_checkpoint(found, engine=self.engine)
+        return broadcast_path(found)
+
+    def _resume(self, checkpoint: Path, *, reshard: bool) -> None:
+        if reshard:
+            self.state = read_trainer_state(checkpoint)
+            self._prime_optimizer_state()
+            load_portable_optimizer_state(engine=self.engine, groups=self.groups, optimizer=self.optimizer,
+                                          checkpoint_dir=checkpoint, step=self.state.adam_step)
+        else:
+            self.state = load_checkpoint(checkpoint, engine=self.engine)
         if self.is_pipeline:
             # Replicas are identical when saved; re-broadcast anyway so that a checkpoint edited or
             # converted by hand can never leave the stages training different FFNs.
             sync_shared_ffn_replicas(self.engine, self.groups)
         if self.rank == 0:
             _truncate_metrics(self.run_dir / "metrics.jsonl", after_step=self.state.step)
-            print(f"[megamobi] resumed from {found} at step {self.state.step} "
-                  f"({self.state.consumed_samples} samples, {self.state.consumed_tokens} tokens)", flush=True)
+            how = f"resharded from layout {read_manifest(checkpoint)['layout']}" if reshard else "same layout"
+            print(f"[megamobi] resumed from {checkpoint} at step {self.state.step} ({self.state.consumed_samples} "
+                  f"samples, {self.state.consumed_tokens} tokens; {how})", flush=True)
+
+    def _prime_optimizer_state(self) -> None:
+        """One step with zero loss and learning rate 0: DeepSpeed creates (and partitions) AdamW's
+        state, and no weight moves (AdamW's update and decay are both scaled by lr = 0)."""
+        self._set_lr(0.0)
+        mb, seq = self.run.batch.micro_batch_size, self.run.batch.seq_len
+        dummy = {"input_ids": torch.zeros(mb, seq, dtype=torch.long), "labels": torch.zeros(mb, seq, dtype=torch.long)}
+        self._zero_loss = True
+        try:
+            self._train_step(iter([dummy] * self.engine.gradient_accumulation_steps()))
+        finally:
+            self._zero_loss = False
 
     # --- one optimizer step --------------------------------------------------------------------
     def _set_lr(self, lr: float) -> None:
@@ -260,40 +305,21 @@ class Trainer:
 
     # --- checkpoints ---------------------------------------------------------------------------
     def save(self) -> Path:
+        self.state.adam_step = adam_step(self.optimizer)
         path = save_checkpoint(
             run_dir=self.run_dir, engine=self.engine, state=self.state, model_config=self.model_config,
-            write_model_files=self._write_model_files, keep_last=self.run.checkpoint.keep_last,
+            write_portable_state=lambda directory: write_portable_state(
+                engine=self.engine, groups=self.groups, optimizer=self.optimizer, checkpoint_dir=directory),
+            keep_last=self.run.checkpoint.keep_last,
             manifest_info={
                 "step": self.state.step, "consumed_samples": self.state.consumed_samples,
                 "consumed_tokens": self.state.consumed_tokens, "loss": self.state.loss,
-                "layout": {"tensor": self.layout.tensor, "pipeline": self.layout.pipeline,
-                           "data": self.layout.data, "zero_stage": self.run.parallel.zero_stage},
+                "layout": self._layout_record(),
                 "precision": self.run.precision, "run_config": dataclasses.asdict(self.run),
                 "data_manifests": self.data.manifest_checksums(),
             })
         self.logger.info(f"saved checkpoint {path}")
         return path
-
-    def _write_model_files(self, model_dir: Path) -> None:
-        """This rank's weights in fp32 (the optimizer's master copy in bf16 runs), by plain-model key."""
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        module = self.engine.module
-        specs = parameter_shard_specs(module, self.groups)
-        tensors, shards = {}, {}
-        for name, param in module.named_parameters():
-            # Collective over the data-parallel group under ZeRO: every rank takes part.
-            full = safe_get_full_fp32_param(param)
-            spec = specs[name]
-            if self.groups.data_rank != 0 or spec.is_replica:
-                continue
-            tensors[spec.full_key] = (param.detach().float() if full is None else full).cpu()
-            if spec.split_dim is not None:
-                shards[spec.full_key] = TensorShard(split_dim=spec.split_dim, tensor_rank=self.groups.tensor_rank,
-                                                    tensor_size=self.layout.tensor, full_size=spec.full_size)
-        if self.groups.data_rank == 0:
-            name = shard_file_name(tensor_rank=self.groups.tensor_rank, pipeline_rank=self.groups.pipeline_rank)
-            write_model_shard(model_dir / name, tensors=tensors, shards=shards)
 
 
 def _truncate_metrics(path: Path, *, after_step: int) -> None:

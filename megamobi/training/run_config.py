@@ -74,6 +74,9 @@ class CheckpointConfig:
     interval_tokens: int = 0  # 0: only at the end and on SLURM's warning signal
     keep_last: int | None = None  # None keeps every checkpoint (the paper released 300+)
     resume: bool = True  # continue from the latest complete checkpoint in run_dir
+    # A checkpoint (e.g. from `python -m megamobi.convert from-hf`) whose weights start a NEW run;
+    # ignored once run_dir has a checkpoint of its own.
+    init_from: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,36 @@
+"""Load DeepSpeed's checkpoint files without unpickling arbitrary code.
+
+DeepSpeed 0.19 loads its `.pt` files with `torch.load(weights_only=False)`: a checkpoint downloaded
+from anywhere could run code on load. We swap in a checkpoint engine that loads with
+`weights_only=True`, allowing only the few DeepSpeed classes its files are known to contain, so a
+file holding anything else is refused instead of executed.
+"""
+
+from __future__ import annotations
+
+import torch
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+
+def _allowed_classes() -> list:
+    """The non-tensor objects DeepSpeed writes into its checkpoint files."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+    def load(self, path: str, map_location=None):
+        with torch.serialization.safe_globals(_allowed_classes()):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except Exception as err:  # pickle.UnpicklingError and friends: say which file and why
+                raise RuntimeError(f"{path}: refused to load (only tensors and known DeepSpeed objects are "
+                                   f"allowed, never arbitrary code): {err}") from err
+
+
+def use_safe_loading(engine) -> None:
+    """Make `engine.load_checkpoint` (and the pipeline module's layer loading) weights-only."""
+    engine.checkpoint_engine = SafeTorchCheckpointEngine(engine._config)

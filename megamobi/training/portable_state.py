@@ -1,0 +1,123 @@
+"""The training state in plain-model terms, so a checkpoint can resume under ANY layout.
+
+DeepSpeed's own files are tied to the layout that wrote them (ZeRO partitions of flat buffers, one
+file per model-parallel rank). Beside them every checkpoint holds, keyed by the plain model's
+state-dict names and merged the same way as the weights (megamobi.checkpointing.model_files):
+
+    model/tp{T}-pp{P}.safetensors        fp32 master weights
+    optimizer/tp{T}-pp{P}.safetensors    AdamW's exp_avg and exp_avg_sq ("<key>:exp_avg", ...)
+
+and the AdamW step count in trainer_state.json. Resuming with another (T, P, D, ZeRO stage) loads
+the weights into the freshly built model before DeepSpeed wraps it, takes one optimizer step with
+zero gradients and learning rate 0 so that DeepSpeed creates its partitioned optimizer state, then
+overwrites that state (and the fp32 master weights) with the saved values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from deepspeed.utils import (
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+)
+
+from megamobi.checkpointing.model_files import TensorShard, read_full_tensors, shard_file_name, write_model_shard
+from megamobi.parallel.groups import ParallelGroups
+from megamobi.parallel.shard_specs import parameter_shard_specs
+from megamobi.parallel.tensor_parallel import _local_slice
+
+ADAM_STATES = ("exp_avg", "exp_avg_sq")
+MODEL_DIR = "model"
+OPTIMIZER_DIR = "optimizer"
+
+
+def _full_weight(param: torch.nn.Parameter) -> torch.Tensor:
+    full = safe_get_full_fp32_param(param)  # collective over the data-parallel group under ZeRO
+    return (param.detach().float() if full is None else full).cpu()
+
+
+def _full_state(param: torch.nn.Parameter, key: str, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    full = safe_get_full_optimizer_state(param, key)  # collective under ZeRO
+    if full is None:  # ZeRO-0 (fp32 only): the torch optimizer holds the model's own parameters
+        state = optimizer.state.get(param, {})
+        full = state[key] if key in state else torch.zeros_like(param, dtype=torch.float32)
+    return full.detach().float().cpu()
+
+
+def _link_optimizer_state(engine) -> None:
+    """DeepSpeed's ZeRO-1/2 optimizer links each parameter to its slice of AdamW's state right after
+    the FIRST parameter group's first step, when the other groups (ours: no-decay norms) have no
+    state yet, and never again. Link again now that every group has state."""
+    zero = engine.optimizer
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+
+
+def adam_step(optimizer: torch.optim.Optimizer) -> int:
+    steps = {int(s["step"]) for s in optimizer.state.values() if "step" in s}
+    if len(steps) > 1:
+        raise RuntimeError(f"AdamW parameters disagree on the step count: {sorted(steps)}")
+    return steps.pop() if steps else 0
+
+
+def write_portable_state(*, engine, groups: ParallelGroups, optimizer: torch.optim.Optimizer, checkpoint_dir: Path) -> None:
+    """Collective: every rank calls it; data-rank-0 ranks write one file each per kind."""
+    _link_optimizer_state(engine)
+    specs = parameter_shard_specs(engine.module, groups)
+    weights: dict[str, torch.Tensor] = {}
+    states: dict[str, torch.Tensor] = {}
+    weight_shards: dict[str, TensorShard] = {}
+    state_shards: dict[str, TensorShard] = {}
+    for name, param in engine.module.named_parameters():
+        weight = _full_weight(param)
+        moments = {key: _full_state(param, key, optimizer) for key in ADAM_STATES}
+        spec = specs[name]
+        # One copy of everything: data rank 0 writes, tensor rank 0 writes what is not split,
+        # pipeline stage 0 writes the shared FFN (the other stages hold replicas).
+        if groups.data_rank != 0 or spec.is_replica or (spec.split_dim is None and groups.tensor_rank != 0):
+            continue
+        shard = TensorShard(split_dim=spec.split_dim, tensor_rank=groups.tensor_rank,
+                            tensor_size=groups.layout.tensor, full_size=spec.full_size)
+        weights[spec.full_key] = weight
+        weight_shards[spec.full_key] = shard
+        for key, value in moments.items():
+            states[f"{spec.full_key}:{key}"] = value
+            state_shards[f"{spec.full_key}:{key}"] = shard
+    if groups.data_rank == 0:
+        file = shard_file_name(tensor_rank=groups.tensor_rank, pipeline_rank=groups.pipeline_rank)
+        write_model_shard(checkpoint_dir / MODEL_DIR / file, tensors=weights, shards=weight_shards)
+        write_model_shard(checkpoint_dir / OPTIMIZER_DIR / file, tensors=states, shards=state_shards)
+
+
+def _local(full: torch.Tensor, spec, groups: ParallelGroups) -> torch.Tensor:
+    if spec.split_dim is None:
+        return full
+    return _local_slice(full, dim=spec.split_dim, rank=groups.tensor_rank, world=groups.layout.tensor)
+
+
+@torch.no_grad()
+def load_portable_optimizer_state(*, engine, groups: ParallelGroups, optimizer: torch.optim.Optimizer,
+                                  checkpoint_dir: Path, step: int) -> None:
+    """After `prime_optimizer_state`: restore the fp32 master weights and AdamW's moments and step."""
+    _link_optimizer_state(engine)
+    weights = read_full_tensors(checkpoint_dir, MODEL_DIR)
+    states = read_full_tensors(checkpoint_dir, OPTIMIZER_DIR)
+    specs = parameter_shard_specs(engine.module, groups)
+    for name, param in engine.module.named_parameters():
+        spec = specs[name]
+        weight = _local(weights[spec.full_key], spec, groups).to(param.device)
+        safe_set_full_fp32_param(param, weight)
+        for key in ADAM_STATES:
+            value = _local(states[f"{spec.full_key}:{key}"], spec, groups).to(param.device)
+            if hasattr(param, "_hp_mapping") or hasattr(param, "ds_id"):
+                safe_set_full_optimizer_state(param, value, key)
+            else:
+                optimizer.state[param][key].copy_(value)
+    for state in optimizer.state.values():
+        if "step" in state:
+            state["step"].fill_(step) if torch.is_tensor(state["step"]) else state.__setitem__("step", step)
