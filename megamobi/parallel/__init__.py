@@ -21,11 +21,16 @@ from megamobi.parallel.pipeline import (
     sync_shared_ffn_replicas,
 )
 from megamobi.parallel.shard_specs import ShardSpec, gather_full_state_dict, load_full_state_dict, parameter_shard_specs
-from megamobi.parallel.tensor_plan import apply_tensor_parallel, tensor_parallel_loss, validate_layout
+from megamobi.parallel.tensor_plan import (
+    apply_tensor_parallel,
+    tensor_parallel_loss,
+    validate_layout,
+    validate_sequence_parallel,
+)
 
 __all__ = [
     "Layout", "ParallelGroups", "ParallelModel", "build_parallel_model", "build_pipeline_module",
     "PIPELINE_DS_CONFIG", "deepspeed_topology", "shared_ffn_replica", "sync_shared_ffn_replicas",
     "ShardSpec", "parameter_shard_specs", "gather_full_state_dict", "load_full_state_dict",
-    "apply_tensor_parallel", "tensor_parallel_loss", "validate_layout",
+    "apply_tensor_parallel", "tensor_parallel_loss", "validate_layout", "validate_sequence_parallel",
 ]

@@ -33,16 +33,21 @@ class ParallelModel:
 
 
 def build_parallel_model(model_config: ModelConfig, groups: ParallelGroups, *, seed: int,
-                         partition_method: str = "parameters", activation_checkpointing: bool = False) -> ParallelModel:
-    """Initialised exactly like `torch.manual_seed(seed); MobiLlama(model_config)` whatever the layout."""
+                         partition_method: str = "parameters", activation_checkpointing: bool = False,
+                         sequence_parallel: bool = False) -> ParallelModel:
+    """Initialised exactly like `torch.manual_seed(seed); MobiLlama(model_config)` whatever the layout.
+
+    sequence_parallel: Megatron-style sequence parallelism on top of tensor parallelism (needs
+    T >= 2 and a sequence length divisible by T); see `apply_tensor_parallel`."""
     loss_fn = tensor_parallel_loss(groups, model_config.vocab_size)
     if groups.layout.pipeline > 1:
         module = build_pipeline_module(model_config, groups, seed=seed, partition_method=partition_method,
-                                       activation_checkpointing=activation_checkpointing)
+                                       activation_checkpointing=activation_checkpointing,
+                                       sequence_parallel=sequence_parallel)
         return ParallelModel(module=module, loss_fn=loss_fn, is_pipeline=True,
                              ds_config_overrides=dict(PIPELINE_DS_CONFIG))
     torch.manual_seed(seed)
     if activation_checkpointing and not model_config.activation_checkpointing:
         model_config = dataclasses.replace(model_config, activation_checkpointing=True)
-    model = apply_tensor_parallel(MobiLlama(model_config), groups)
+    model = apply_tensor_parallel(MobiLlama(model_config), groups, sequence_parallel=sequence_parallel)
     return ParallelModel(module=model, loss_fn=loss_fn, is_pipeline=False)

@@ -53,8 +53,9 @@ def deepspeed_topology(layout: Layout):
     return topo
 
 
-def pipeline_layers(model: MobiLlama) -> list:
-    """The plain model as a flat list of pipeline pieces (modules or TiedLayerSpecs)."""
+def pipeline_layers(model: MobiLlama, *, sequence_parallel_size: int = 1) -> list:
+    """The plain model as a flat list of pipeline pieces (modules or TiedLayerSpecs).
+    sequence_parallel_size: T when the model was made tensor parallel with sequence_parallel, else 1."""
     from deepspeed.pipe import TiedLayerSpec
 
     shared = model.config.ffn_sharing == "shared"
@@ -62,7 +63,8 @@ def pipeline_layers(model: MobiLlama) -> list:
     tied_attrs = [f"mlp.{name}" for name, _ in model.mlps[0].named_parameters()]
     layers: list = [EmbeddingPipe(model.embed_tokens)]
     for i, layer in enumerate(model.layers):
-        layers.append(AttentionBlockPipe(layer, layer_index=i, rope_cos=model.rope_cos, rope_sin=model.rope_sin))
+        layers.append(AttentionBlockPipe(layer, layer_index=i, rope_cos=model.rope_cos, rope_sin=model.rope_sin,
+                                         sequence_parallel_size=sequence_parallel_size))
         if shared:
             layers.append(TiedLayerSpec(SHARED_FFN_KEY, MLPBlockPipe, model.mlps[0], tied_weight_attr=tied_attrs))
         else:
@@ -72,25 +74,27 @@ def pipeline_layers(model: MobiLlama) -> list:
 
 
 def build_pipeline_module(model_config: ModelConfig, groups: ParallelGroups, *, seed: int,
-                          partition_method: str = "parameters", activation_checkpointing: bool = False):
+                          partition_method: str = "parameters", activation_checkpointing: bool = False,
+                          sequence_parallel: bool = False):
     """A deepspeed PipelineModule for this rank's stage, initialised exactly as
     `torch.manual_seed(seed); MobiLlama(model_config)` (then tensor-parallel sharded).
 
     partition_method: DeepSpeed's `parameters` (balance parameter counts), `uniform` (balance piece
     counts) or `type:<regex>` (balance pieces whose class matches, e.g. `type:AttentionBlockPipe`
     for the same number of decoder layers per stage). Loss: `tensor_parallel_loss` on the last stage.
+    sequence_parallel: see `apply_tensor_parallel`; stage boundaries then carry sequence chunks.
     """
     import deepspeed
     from deepspeed.pipe import PipelineModule
 
     layout = groups.layout
     validate_layout(model_config, tensor=layout.tensor, pipeline=layout.pipeline,
-                    world_size=layout.world_size, zero_stage=1)
+                    world_size=layout.world_size, zero_stage=1, sequence_parallel=sequence_parallel)
     torch.manual_seed(seed)
     model = MobiLlama(model_config)
-    apply_tensor_parallel(model, groups)
+    apply_tensor_parallel(model, groups, sequence_parallel=sequence_parallel)
     module = PipelineModule(
-        layers=pipeline_layers(model),
+        layers=pipeline_layers(model, sequence_parallel_size=layout.tensor if sequence_parallel else 1),
         topology=deepspeed_topology(layout),
         loss_fn=tensor_parallel_loss(groups, model_config.vocab_size),
         partition_method=partition_method,

@@ -11,7 +11,9 @@ leaves out of checkpoints):
     HeadPipe                      h -> lm_head(norm(h))   (local vocabulary logits under TP)
 
 Every piece wraps modules of an already-built plain (and tensor-parallel) MobiLlama, so the weights
-are exactly the plain model's. `full_key(name)` maps a piece's parameter name back to the plain
+are exactly the plain model's. With sequence parallelism the activations between pieces (and
+between stages) are this tensor rank's sequence chunk [batch, seq/T, hidden]; AttentionBlockPipe
+then takes the full length as T x its input's, for the rotary tables. `full_key(name)` maps a piece's parameter name back to the plain
 model's state_dict key (used by the shard specs for checkpoints and conversion).
 """
 
@@ -36,10 +38,13 @@ class EmbeddingPipe(nn.Module):
 
 
 class AttentionBlockPipe(nn.Module):
-    def __init__(self, layer: DecoderLayer, *, layer_index: int, rope_cos: torch.Tensor, rope_sin: torch.Tensor):
+    def __init__(self, layer: DecoderLayer, *, layer_index: int, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
+                 sequence_parallel_size: int = 1):
         super().__init__()
         self.layer = layer
         self.layer_index = layer_index
+        # T under sequence parallelism (the input is a 1/T chunk of the sequence), else 1.
+        self.sequence_parallel_size = sequence_parallel_size
         # Each piece owns its rotary tables (derived from the config, not saved), so it can run on any stage.
         self.register_buffer("rope_cos", rope_cos, persistent=False)
         self.register_buffer("rope_sin", rope_sin, persistent=False)
@@ -48,7 +53,7 @@ class AttentionBlockPipe(nn.Module):
         return f"layers.{self.layer_index}." + name.removeprefix("layer.")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        seq_len = x.shape[1]
+        seq_len = x.shape[1] * self.sequence_parallel_size  # the attention runs on the full sequence
         h = self.layer.attention_block(x, self.rope_cos[:seq_len], self.rope_sin[:seq_len])
         return h, self.layer.post_attention_layernorm(h)
 

@@ -16,6 +16,11 @@ hidden] activations):
 
 Every primitive is the identity when the group has one rank, so a T=1 run pays nothing.
 
+Sequence parallelism (Megatron's `sequence_parallel`) also needs two plan-level helpers:
+`sequence_gather_pre_hook` (gathers a block's input once, for all its column-parallel layers,
+which are then built with `input_is_gathered=True`) and `mark_sequence_parallel` (sums a replicated
+weight's gradient over the tensor group, for the norms that only see their sequence chunk).
+
 The layers (`ColumnParallelLinear`, `RowParallelLinear`, `VocabParallelEmbedding`) hold this rank's
 slice of a full weight. They are built from the full nn.Linear / nn.Embedding of a plain model
 (`from_linear` / `from_embedding`), so the initialisation never depends on T. Split weights carry
@@ -32,6 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from megamobi.config_io import ConfigError
 from megamobi.parallel.groups import ParallelGroups
 
 SEQUENCE_DIM = 1  # activations are [batch, seq, hidden]
@@ -206,31 +212,74 @@ def mark_tensor_parallel(param: nn.Parameter, *, partition_dim: int) -> None:
     param.partition_dim = partition_dim
 
 
+def mark_sequence_parallel(param: nn.Parameter, group) -> None:
+    """A replicated weight (an RMSNorm's) applied to this rank's sequence chunk only: its gradient is
+    a partial sum, so it is summed over the tensor group before anything else sees it.
+
+    Megatron sums such grads in finalize_model_grads; here a tensor hook does it inside backward,
+    BEFORE autograd accumulates into param.grad, so whoever reads the gradient afterwards (DeepSpeed
+    ZeRO-1/2's post-accumulate-grad hooks, the pipeline engine's reductions, the optimizer) sees the
+    full-sequence gradient, identical on every tensor rank. Marked `sequence_parallel = True`
+    (Megatron's flag); idempotent.
+    """
+    if getattr(param, "sequence_parallel", False):
+        return
+    param.sequence_parallel = True
+    if _size(group) == 1:
+        return
+
+    def sum_over_tensor_group(grad: torch.Tensor) -> torch.Tensor:
+        return _all_reduce(grad.clone(), group)
+
+    param.register_hook(sum_over_tensor_group)
+
+
+def sequence_gather_pre_hook(group):
+    """A forward pre-hook that all-gathers a block's first input along the sequence (backward:
+    reduce-scatter), for a block whose column-parallel layers have `input_is_gathered=True`: one
+    gather for q, k and v (or gate and up), and the block's own code sees the full sequence length."""
+
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        x, *rest = args
+        return (gather_from_sequence_parallel_region(x, group), *rest)
+
+    return hook
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x A^T with A split along its OUTPUT dimension: rank r holds rows [r*out/T, (r+1)*out/T).
 
-    Input: the full activation (or its sequence shard with sequence_parallel). Output: this rank's
-    slice of the output features, or the full output with gather_output=True.
+    Input: the full activation (or its sequence shard with sequence_parallel, gathered here).
+    Output: this rank's slice of the output features, or the full output with gather_output=True.
+
+    input_is_gathered: the input is already the full sequence, gathered ONCE for several layers by
+    `gather_from_sequence_parallel_region` (e.g. by `sequence_gather_pre_hook` on the attention
+    block, for q, k and v); that gather's backward reduce-scatters the summed input gradient, so
+    this layer does no communication on its input at all.
     """
 
     partition_dim = 0
 
     def __init__(self, in_features: int, out_features: int, *, groups: ParallelGroups,
-                 gather_output: bool = False, sequence_parallel: bool = False):
+                 gather_output: bool = False, sequence_parallel: bool = False, input_is_gathered: bool = False):
         super().__init__()
         world = groups.layout.tensor
         if out_features % world:
             raise ValueError(f"output size {out_features} is not divisible by tensor-parallel size {world}")
+        if sequence_parallel and input_is_gathered:
+            raise ValueError("sequence_parallel gathers the input here; input_is_gathered says it is gathered already")
         self.group = groups.tensor_group
         self.in_features, self.out_features = in_features, out_features
         self.full_size = out_features  # unpadded size along partition_dim
         self.gather_output, self.sequence_parallel = gather_output, sequence_parallel
+        self.input_is_gathered = input_is_gathered
         self.weight = nn.Parameter(torch.empty(out_features // world, in_features))
         mark_tensor_parallel(self.weight, partition_dim=0)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, groups: ParallelGroups, gather_output: bool = False,
-                    sequence_parallel: bool = False, pad_output: bool = False) -> "ColumnParallelLinear":
+                    sequence_parallel: bool = False, input_is_gathered: bool = False,
+                    pad_output: bool = False) -> "ColumnParallelLinear":
         """This rank's rows of `linear`. pad_output: pad the output features with zero rows to a
         multiple of T (the vocabulary-parallel lm_head; `full_size` keeps the unpadded size)."""
         if linear.bias is not None:
@@ -239,7 +288,7 @@ class ColumnParallelLinear(nn.Module):
             raise ValueError("a padded output cannot be gathered into the full output")
         out = padded_size(linear.out_features, groups.layout.tensor) if pad_output else linear.out_features
         layer = cls(linear.in_features, out, groups=groups, gather_output=gather_output,
-                    sequence_parallel=sequence_parallel)
+                    sequence_parallel=sequence_parallel, input_is_gathered=input_is_gathered)
         layer.full_size = linear.out_features
         with torch.no_grad():
             layer.weight.copy_(_local_slice(linear.weight, dim=0, rank=groups.tensor_rank, world=groups.layout.tensor))
@@ -248,7 +297,7 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
             x = gather_from_sequence_parallel_region(x, self.group)
-        else:
+        elif not self.input_is_gathered:
             x = copy_to_tensor_parallel_region(x, self.group)
         y = F.linear(x, self.weight)
         return gather_from_tensor_parallel_region(y, self.group) if self.gather_output else y
@@ -332,7 +381,12 @@ class VocabParallelEmbedding(nn.Module):
         return layer
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if _size(self.group) == 1:
+        world = _size(self.group)
+        if self.sequence_parallel and ids.shape[SEQUENCE_DIM] % world:
+            raise ConfigError(
+                f"sequence parallelism splits the sequence over the {world} tensor-parallel ranks, but the "
+                f"input has {ids.shape[SEQUENCE_DIM]} tokens per sequence; use a sequence length divisible by {world}")
+        if world == 1:
             out = F.embedding(ids, self.weight)
         else:
             outside = (ids < self.vocab_start) | (ids >= self.vocab_end)

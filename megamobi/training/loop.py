@@ -91,6 +91,7 @@ class Trainer:
 
         built = build_parallel_model(self.model_config, self.groups, seed=run.train.seed,
                                      partition_method=run.parallel.partition_method,
+                                     sequence_parallel=run.parallel.sequence_parallel,
                                      activation_checkpointing=self.model_config.activation_checkpointing)
         if init_from is not None:
             load_full_state_dict(built.module, self.groups, read_full_model(init_from))

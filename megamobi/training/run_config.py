@@ -67,6 +67,7 @@ class ParallelConfig:
     pipeline: int = 1
     zero_stage: int = 1
     partition_method: str = "parameters"  # pipeline stage balancing
+    sequence_parallel: bool = False  # Megatron sequence parallelism over the tensor ranks (tensor >= 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +153,14 @@ class RunConfig:
                 raise ConfigError(f"data.paths: {path} has no manifest.json; build it with data_tools/preprocess_amber.py")
         if self.parallel.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage must be 0..3, got {self.parallel.zero_stage}")
+        if self.parallel.sequence_parallel:
+            from megamobi.parallel.tensor_plan import validate_sequence_parallel
+
+            validate_sequence_parallel(tensor=self.parallel.tensor, seq_len=b.seq_len)
+        if self.parallel.zero_stage == 0 and self.precision == "bf16":
+            raise ConfigError("parallel.zero_stage 0 with precision bf16: DeepSpeed 0.19's ZeRO-0 bf16 optimizer drifts "
+                              "from fp32 AdamW and its state cannot be resharded; use zero_stage 1 (same memory per GPU "
+                              "for the weights, the optimizer state sharded)")
         if t.log_interval <= 0 or t.max_bad_steps <= 0:
             raise ConfigError("train.log_interval and train.max_bad_steps must be positive")
         if world_size is not None:

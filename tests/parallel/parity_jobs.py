@@ -127,9 +127,29 @@ def _snapshot_tied_grads(engine, groups, store: dict) -> None:
     engine._INSTRUCTION_MAP = {**PipelineEngine._INSTRUCTION_MAP, schedule.ReduceGrads: reduce_grads}
 
 
+def _tensor_replicas_identical(module, groups) -> bool:
+    """True when every replicated (not tensor-split) parameter, e.g. a norm weight, is bit for bit
+    the same on every rank of the tensor group (True on all ranks)."""
+    import torch.distributed as dist
+
+    ok = torch.ones(1)
+    src = groups.layout.rank_of(tensor=0, data=groups.data_rank, pipeline=groups.pipeline_rank)
+    for p in module.parameters():
+        if getattr(p, "tensor_model_parallel", False):
+            continue
+        ref = p.detach().clone()
+        dist.broadcast(ref, src=src, group=groups.tensor_group)
+        ok *= float(torch.equal(ref, p.detach()))
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
 def parallel_run(rank: int, config: ModelConfig, layout: tuple[int, int, int], partition_method: str, *,
-                 steps: int = STEPS, activation_checkpointing: bool = False) -> dict:
-    """One layout (T, P, D) on this job's ranks; every rank returns its per-step view."""
+                 steps: int = STEPS, activation_checkpointing: bool = False, sequence_parallel: bool = False,
+                 zero_stage: int = 1) -> dict:
+    """One layout (T, P, D) on this job's ranks; every rank returns its per-step view.
+    sequence_parallel: Megatron sequence parallelism over the T ranks (T >= 2); zero_stage: 1 or 2
+    (ZeRO-0 fp32 reports no grad norm; pipelines allow 1 only)."""
     import deepspeed
     import torch.distributed as dist
 
@@ -140,11 +160,12 @@ def parallel_run(rank: int, config: ModelConfig, layout: tuple[int, int, int], p
     T, P, D = layout
     groups = ParallelGroups(Layout(tensor=T, pipeline=P, data=D))
     built = build_parallel_model(config, groups, seed=SEED, partition_method=partition_method,
-                                 activation_checkpointing=activation_checkpointing)
+                                 activation_checkpointing=activation_checkpointing,
+                                 sequence_parallel=sequence_parallel)
     per_replica = GLOBAL_BATCH // D
     accumulation = 2 if built.is_pipeline else 1
     ds_config = _ds_config(micro=per_replica // accumulation, accumulation=accumulation, data=D,
-                           zero_stage=1)  # ZeRO-0 fp32 reports no grad norm (None)
+                           zero_stage=zero_stage)
     ds_config.update(built.ds_config_overrides)
     optimizer = _optimizer([p for p in built.module.parameters()])
     kwargs = {} if built.is_pipeline else {"mpu": groups}
@@ -153,7 +174,7 @@ def parallel_run(rank: int, config: ModelConfig, layout: tuple[int, int, int], p
     if built.is_pipeline and config.ffn_sharing == "shared":
         _snapshot_tied_grads(engine, groups, tied_grads)
 
-    losses, norms, replicas_ok = [], [], []
+    losses, norms, replicas_ok, tensor_replicas_ok = [], [], [], []
     for step in range(steps):
         inputs, labels = batch(config, step)
         mine = slice(groups.data_rank * per_replica, (groups.data_rank + 1) * per_replica)
@@ -173,19 +194,25 @@ def parallel_run(rank: int, config: ModelConfig, layout: tuple[int, int, int], p
         norms.append(float(engine.get_global_grad_norm()))
         if built.is_pipeline and config.ffn_sharing == "shared":
             replicas_ok.append(_replicas_identical(engine, groups))
+        if sequence_parallel:
+            tensor_replicas_ok.append(_tensor_replicas_identical(engine.module, groups))
     full = gather_full_state_dict(engine, groups)
     return {
         "losses": losses,
         "norms": norms,
         "replicas_ok": replicas_ok,
+        "tensor_replicas_ok": tensor_replicas_ok,
         "tied_grads": tied_grads,
         "final": None if full is None else {k: v.numpy() for k, v in full.items()},
     }
 
 
-def parallel_runs(rank: int, config: ModelConfig, layouts: list[tuple[int, int, int]], partition_method: str) -> list:
-    """Several layouts of the same world size one after the other in one job (saves start-ups)."""
-    return [parallel_run(rank, config, layout, partition_method) for layout in layouts]
+def parallel_runs(rank: int, config: ModelConfig, layouts: list[tuple[int, int, int]], partition_method: str,
+                  options: list[dict] | None = None) -> list:
+    """Several layouts of the same world size one after the other in one job (saves start-ups);
+    options[i]: extra keyword arguments of parallel_run for layouts[i] (sequence_parallel, zero_stage)."""
+    options = options or [{}] * len(layouts)
+    return [parallel_run(rank, config, layout, partition_method, **opts) for layout, opts in zip(layouts, options)]
 
 
 def max_abs_diff(a: dict, b: dict) -> float:

@@ -7,7 +7,7 @@ from multiproc import run_ranks
 from megamobi.checkpointing.model_files import read_full_model
 from megamobi.training.loop import Trainer
 
-from conftest import make_run, train_losses
+from training_runs import make_run, train_losses
 
 
 def _train(rank, runs):

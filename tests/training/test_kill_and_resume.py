@@ -12,7 +12,7 @@ from multiproc import run_ranks, start_ranks
 from megamobi.checkpointing.model_files import read_full_tensors
 from megamobi.training.loop import Trainer
 
-from conftest import make_run, read_metrics, train_losses
+from training_runs import make_run, read_metrics, train_losses
 
 STEPS = 12
 

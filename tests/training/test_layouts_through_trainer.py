@@ -9,7 +9,7 @@ from megamobi.checkpointing.manifest import read_manifest
 from megamobi.checkpointing.model_files import read_full_model
 from megamobi.training.loop import Trainer
 
-from conftest import make_run, train_losses
+from training_runs import make_run, train_losses
 
 # See tests/parallel/parity_jobs.py: with eps=1e-8, elements whose gradient is ~0 move by rounding noise.
 OPTIMIZER = {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2, "clip_grad": 1.0, "eps": 1e-5}
@@ -40,3 +40,29 @@ def test_tensor_and_pipeline_layouts_match_single_process(tmp_path, token_shards
         assert weights.keys() == expected_weights.keys(), name
         for key, value in weights.items():
             torch.testing.assert_close(value, expected_weights[key], rtol=0, atol=1e-4, msg=f"{name}: {key}")
+
+
+def test_checkpoints_of_every_layout_export_to_transformers(tmp_path, token_shards):
+    """Train under (T, P, D) = (2, 2, 1) and (1, 1, 1), export both final checkpoints with
+    `convert to-hf`, and compare stock LlamaForCausalLM with megamobi on the same weights."""
+    from transformers import LlamaForCausalLM
+
+    from megamobi.convert import export_hf
+    from megamobi.generate import load_model
+
+    single = make_run(tmp_path / "single", token_shards, optimizer=OPTIMIZER, train={"steps": 2, "log_interval": 1})
+    sharded = make_run(tmp_path / "sharded", token_shards, optimizer=OPTIMIZER, train={"steps": 2, "log_interval": 1},
+                       parallel={"tensor": 2, "pipeline": 2, "zero_stage": 1})
+    run_ranks(_train_all, world_size=1, args=([single],))
+    run_ranks(_train_all, world_size=4, args=([sharded],))
+    tokens = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for name in ("single", "sharded"):
+        checkpoint = tmp_path / name / "checkpoints" / "step_0000002"
+        export_hf(checkpoint, tmp_path / f"hf-{name}", dtype="fp32", progress=False)
+        hf = LlamaForCausalLM.from_pretrained(tmp_path / f"hf-{name}", dtype=torch.float32).eval()
+        with torch.no_grad():
+            ours, theirs = load_model(str(checkpoint))(tokens), hf(tokens).logits
+        assert (ours - theirs).abs().max().item() < 1e-4, name
+        logits[name] = theirs
+    assert (logits["single"] - logits["sharded"]).abs().max().item() < 1e-3

@@ -10,7 +10,7 @@ from multiproc import run_ranks
 from megamobi.checkpointing.model_files import read_full_model, read_full_tensors
 from megamobi.training.loop import Trainer
 
-from conftest import make_run, read_metrics, train_losses
+from training_runs import make_run, read_metrics, train_losses
 
 OPTIMIZER = {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2, "clip_grad": 1.0, "eps": 1e-5}
 CASES = [((2, 2, 1), (1, 1, 2)), ((1, 2, 2), (2, 1, 1))]  # (tensor, pipeline, data) before -> after

@@ -1,33 +1,14 @@
-"""Shared fixtures for training tests: real shards on disk and a small run config."""
+"""Small real training runs for the tests: a run config of the test model, and its logs."""
 
 import json
 from pathlib import Path
 
-import numpy as np
-import pytest
-
 from megamobi.config_io import from_dict
-from megamobi.data.preprocess import PreprocessOptions, preprocess
 from megamobi.training.run_config import RunConfig
 
-VOCAB = 512
+VOCAB = 512  # matches the `token_shards` fixture
 MODEL = {"name": "test-tiny", "vocab_size": VOCAB, "hidden_size": 32, "num_layers": 3, "num_attention_heads": 4,
          "intermediate_size": 48, "max_seq_len": 64, "ffn_sharing": "shared"}
-
-
-@pytest.fixture(scope="session")
-def token_shards(tmp_path_factory) -> Path:
-    """48 Amber-style samples of random tokens from two sources, written by the real preprocessor."""
-    root = tmp_path_factory.mktemp("shards")
-    rng = np.random.default_rng(0)
-    with open(root / "train_000.jsonl", "w") as f:
-        for i in range(48):
-            tokens = rng.integers(0, VOCAB, 2049).tolist()
-            f.write(json.dumps({"token_ids": tokens, "source": "c4" if i % 3 else "arxiv"}) + "\n")
-    out = root / "shards"
-    preprocess(PreprocessOptions(inputs=[str(root / "train_000.jsonl")], output=str(out), vocab_size=VOCAB,
-                                 samples_per_shard=20, progress=False))
-    return out
 
 
 def make_run(run_dir: Path, shards: Path, **sections) -> RunConfig:

@@ -1,0 +1,71 @@
+"""List a run's checkpoints as a table: what each one is and where it came from.
+
+    python -m megamobi.checkpoints runs/mobillama-0.5b            # one line per checkpoint
+    python -m megamobi.checkpoints runs/mobillama-0.5b --verify   # also check every file's sha256
+    python -m megamobi.checkpoints runs/mobillama-0.5b --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from megamobi.checkpointing.manifest import read_manifest, verify_checkpoint
+from megamobi.training.checkpoint import checkpoints_dir
+
+
+def _size(manifest: dict) -> int:
+    return sum(f["bytes"] for f in manifest["files"].values())
+
+
+def describe(run_dir: Path, *, verify: bool) -> list[dict]:
+    root = checkpoints_dir(run_dir)
+    rows = []
+    for path in sorted(root.glob("step_*")) + sorted(root.glob(".step_*.partial")):
+        try:
+            m = read_manifest(path)
+        except (FileNotFoundError, json.JSONDecodeError):
+            rows.append({"checkpoint": path.name, "status": "incomplete (no manifest)"})
+            continue
+        layout = m.get("layout") or {}
+        status = "ok" if not verify else ("verified" if not (problems := verify_checkpoint(path)) else f"BROKEN: {problems[0]}")
+        rows.append({
+            "checkpoint": path.name, "step": m.get("step"), "consumed_samples": m.get("consumed_samples"),
+            "consumed_tokens": m.get("consumed_tokens"), "loss": m.get("loss"),
+            "layout": f"T{layout.get('tensor', 1)} P{layout.get('pipeline', 1)} D{layout.get('data', 1)} Z{layout.get('zero_stage', '-')}" if layout else "-",
+            "code_version": m.get("code_version"), "data_manifests": m.get("data_manifests", {}),
+            "bytes": _size(m), "status": status,
+        })
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megamobi.checkpoints", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--verify", action="store_true", help="check every file against the manifest's sha256")
+    parser.add_argument("--json", action="store_true", help="one JSON object per checkpoint")
+    args = parser.parse_args(argv)
+    if not checkpoints_dir(args.run_dir).is_dir():
+        print(f"error: {args.run_dir} has no checkpoints/ directory; is it a run directory?", file=sys.stderr)
+        return 2
+    rows = describe(args.run_dir, verify=args.verify)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    print(f"{'checkpoint':<20} {'step':>8} {'samples':>12} {'tokens':>16} {'loss':>8} {'layout':<14} {'size':>9}  {'code':<22} status")
+    for r in rows:
+        if "step" not in r:
+            print(f"{r['checkpoint']:<20} {'':>8} {'':>12} {'':>16} {'':>8} {'':<14} {'':>9}  {'':<22} {r['status']}")
+            continue
+        loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
+        print(f"{r['checkpoint']:<20} {r['step']:>8} {r['consumed_samples']:>12,} {r['consumed_tokens']:>16,} {loss:>8} "
+              f"{r['layout']:<14} {r['bytes'] / 2**20:>7.1f}MB  {str(r['code_version']):<22} {r['status']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
