@@ -7,26 +7,17 @@ full disk has no manifest or fails its checksums, and resume skips it for the pr
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from megamobi.config_io import from_dict
+from megamobi.files import sha256_file, write_json_atomic
 from megamobi.model_config import ModelConfig
 from megamobi.version import code_version
 
 MANIFEST_NAME = "megamobi.json"
 FORMAT_VERSION = 1
-
-
-def sha256_file(path: Path, *, chunk_bytes: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _payload_files(checkpoint_dir: Path) -> list[Path]:
@@ -45,12 +36,7 @@ def write_manifest(checkpoint_dir: str | Path, *, model_config: ModelConfig, inf
         "files": {str(p.relative_to(checkpoint_dir)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                   for p in _payload_files(checkpoint_dir)},
     }
-    tmp = checkpoint_dir / (MANIFEST_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(checkpoint_dir / MANIFEST_NAME)
+    write_json_atomic(checkpoint_dir / MANIFEST_NAME, manifest)
     return manifest
 
 

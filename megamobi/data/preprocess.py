@@ -11,15 +11,16 @@ from typing import Iterator
 
 import numpy as np
 
+from megamobi.files import read_json, sha256_file, write_json_atomic
+from megamobi.version import code_version
+
 from .chunk_worker import Chunk, ChunkJob, ChunkResult, plan_chunks, process_chunk
 from .errors import BadInputError, DataConfigError
 from .indexed_format import MAX_VOCAB_UINT16, SEQ_LEN, TOKEN_DTYPE
 from .input_files import expand_inputs
-from .manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, PROGRESS_NAME, read_json,
-                       sha256_file, shard_paths, write_json_atomic)
+from .manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, PROGRESS_NAME, shard_paths
 from .shard_check import shard_problems
 from .shard_writer import ShardWriter
-from .version import code_version
 
 MAX_LISTED_BAD_LINES = 10_000  # all bad lines are counted; this many are listed by file/line
 WORK_DIR_NAME = ".work"

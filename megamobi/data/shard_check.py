@@ -1,8 +1,9 @@
 """Checks of one shard against its manifest record: cheap (sizes + idx header) or full (sha256)."""
 from pathlib import Path
 
+from megamobi.files import sha256_file
+
 from .indexed_format import DTYPE_CODE_UINT16, IDX_VERSION, SAMPLE_BYTES, idx_file_bytes, read_idx_header
-from .manifest import sha256_file
 
 
 def shard_problems(directory: Path, record: dict, *, checksums: bool) -> list[str]:

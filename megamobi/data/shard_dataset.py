@@ -3,9 +3,11 @@ from pathlib import Path
 
 import numpy as np
 
+from megamobi.files import read_json
+
 from .errors import ShardError
 from .indexed_format import SEQ_LEN, TOKEN_DTYPE
-from .manifest import FORMAT_NAME, MANIFEST_NAME, read_json
+from .manifest import FORMAT_NAME, MANIFEST_NAME
 from .shard_check import shard_problems
 
 _FIX_HINT = "re-run data_tools/preprocess_amber.py with the same arguments to rebuild the damaged shards"

@@ -3,8 +3,10 @@ from pathlib import Path
 
 import numpy as np
 
+from megamobi.files import read_json
+
 from .errors import ShardError
-from .manifest import MANIFEST_NAME, read_json
+from .manifest import MANIFEST_NAME
 from .shard_check import shard_problems
 
 

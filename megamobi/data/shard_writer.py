@@ -8,8 +8,10 @@ from typing import Callable
 
 import numpy as np
 
+from megamobi.files import sha256_file
+
 from .indexed_format import SEQ_LEN, TOKEN_DTYPE, write_idx
-from .manifest import sha256_file, shard_paths
+from .manifest import shard_paths
 
 SOURCE_ID_DTYPE = np.uint16
 Position = tuple[int, int]  # (chunk index, token offset in that chunk's token stream)

@@ -19,7 +19,6 @@ later, which the checksums catch.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from megamobi.checkpointing.manifest import verify_checkpoint, write_manifest
+from megamobi.files import write_json_atomic
 from megamobi.model_config import ModelConfig
 
 CHECKPOINTS = "checkpoints"
@@ -97,13 +97,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-
-
 def broadcast_path(path: Path | None) -> Path | None:
     """Rank 0's decision, on every rank."""
     box = [None if path is None else str(path)]
@@ -125,15 +118,15 @@ def save_checkpoint(*, run_dir: Path, engine, state: TrainerState, model_config:
     _barrier()
     engine.save_checkpoint(str(partial / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
     write_portable_state(partial)
-    _write_json(partial / "rng" / f"rank{rank:05d}.json", rng_state())
+    write_json_atomic(partial / "rng" / f"rank{rank:05d}.json", rng_state())
     _barrier()
     if rank == 0:
-        _write_json(partial / TRAINER_STATE, state.__dict__)
+        write_json_atomic(partial / TRAINER_STATE, state.__dict__)
         write_manifest(partial, model_config=model_config, info=manifest_info)
         if final.exists():  # a re-run of the same step after a crash: replace it
             shutil.rmtree(final)
         partial.rename(final)
-        _write_json(root / "latest.json", {"checkpoint": name})
+        write_json_atomic(root / "latest.json", {"checkpoint": name})
         (root / "latest").write_text(name + "\n")
         if keep_last:
             for old in complete_checkpoints(run_dir)[:-keep_last]:

@@ -44,7 +44,7 @@ class RunData:
 
     def manifest_checksums(self) -> dict[str, str]:
         """sha256 of each data directory's manifest.json: which data a checkpoint was trained on."""
-        from megamobi.checkpointing.manifest import sha256_file
+        from megamobi.files import sha256_file
 
         return {path: sha256_file(Path(path) / "manifest.json") for path in self.run.data.paths}
 

@@ -3,7 +3,8 @@
 Same formula as the released MobiLlama / TinyLlama scripts, indexed by optimizer step:
     lr(s) = lr * s / warmup                                    for s < warmup
     lr(s) = min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2     p = (s - warmup) / (total - warmup)
-and min_lr from the last step on. Steps skipped for non-finite values do not advance it.
+and min_lr from the last step on. `step` counts every step taken, skipped ones too (their data was
+consumed), so the schedule is a pure function of the step counter and a resume recomputes it.
 """
 
 from __future__ import annotations

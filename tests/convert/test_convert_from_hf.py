@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from convert_helpers import CONFIG_KINDS, VOCAB, build_model, random_tokens
+from convert_helpers import CONFIG_KINDS, VOCAB, random_tokens
 from safetensors.torch import load_file, save_file
 
 from megamobi.checkpointing.manifest import checkpoint_model_config, read_manifest, verify_checkpoint

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import SEQ_LEN, amber_rows, run_tool, shard_files, write_amber, write_lines
+from data_helpers import amber_rows, run_tool, shard_files, write_amber, write_lines
 
 GOOD = json.dumps(amber_rows(1)[0])
 _row = amber_rows(1)[0]

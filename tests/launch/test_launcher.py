@@ -61,7 +61,7 @@ def test_dry_run_prints_one_deepspeed_per_node(tmp_path, token_shards):
                          capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert f"is valid for 32 process(es)" in lines[0]
+    assert "is valid for 32 process(es)" in lines[0]
     assert lines[1].startswith("srun --ntasks-per-node=1 --kill-on-bad-exit=1")
     deepspeed_lines = [l for l in lines if l.startswith("deepspeed ")]
     assert [l.split("--node_rank=")[1].split()[0] for l in deepspeed_lines] == ["0", "1", "2", "3"]

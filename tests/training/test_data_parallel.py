@@ -1,6 +1,5 @@
 """2 data-parallel processes under ZeRO 0/1/2/3 train exactly like 1 process with the same global batch."""
 
-import pytest
 import torch
 from multiproc import run_ranks
 

@@ -3,7 +3,6 @@
 import dataclasses
 import shutil
 
-import pytest
 import torch
 from multiproc import run_ranks
 

@@ -18,7 +18,7 @@ from megamobi.training.ds_config import build_ds_config
 from megamobi.training.loop import NonFiniteLossError, Trainer, checkpoint_due
 from megamobi.training.schedule import learning_rate
 
-from training_runs import make_run, read_metrics, train_losses
+from training_runs import make_run, read_metrics
 
 STABLE = ("tokens_per_s", "tokens_per_s_per_device", "step_time_s", "memory_gb")
 

@@ -1,6 +1,5 @@
 """Checkpoint loading never unpickles arbitrary code."""
 
-import pickle
 
 import pytest
 import torch
