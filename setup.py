@@ -18,9 +18,9 @@ setup(
         "zstandard>=0.22",
     ],
     extras_require={
-        "convert": ["transformers>=4.45", "gguf>=0.10"],
+        "convert": ["transformers>=4.45", "gguf>=0.10", "protobuf>=4"],
         "logging": ["wandb>=0.17", "tensorboard>=2.15"],
-        "test": ["pytest>=8", "transformers>=4.45", "gguf>=0.10", "megatron-core>=0.12"],
+        "test": ["pytest>=8", "transformers>=4.45", "gguf>=0.10", "protobuf>=4", "megatron-core>=0.12"],
         # GPU-only speed-ups, imported when present: never required.
         "gpu": ["flash-attn>=2.5"],
     },
