@@ -110,6 +110,18 @@ def bench_loader(shards: Path, *, batches: int = 300, micro_batch: int = 8) -> N
           f"{tokens / secs:,.0f} tokens/s, {batches / secs:,.0f} batches/s incl. collate")
 
 
+def bench_startup(work: Path, *, shards: int = 1000) -> None:
+    """Opening a corpus of many shards must not scan or index the whole corpus."""
+    source = work / "amber.jsonl"
+    out = work / "many_shards"
+    lines = sum(1 for _ in open(source))
+    preprocess(PreprocessOptions(inputs=[str(source)], output=str(out), samples_per_shard=max(1, lines // shards),
+                                 chunk_mb=8, progress=False, overwrite=True))
+    (train, _), secs = timed(lambda: build_datasets([out]))
+    count = len(list(out.glob("*.bin")))
+    print(f"loader start-up: {count} shards, {len(train)} samples opened in {secs * 1e3:.0f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir")
@@ -122,6 +134,7 @@ def main() -> None:
         bench_text(work, text_mb=args.text_mb)
         shards = bench_amber(work, lines=args.amber_lines)
         bench_loader(shards)
+        bench_startup(work)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

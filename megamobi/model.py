@@ -25,10 +25,15 @@ from torch.utils.checkpoint import checkpoint
 
 from megamobi.model_config import ModelConfig, load_model_config
 
-try:  # flash-attn is an optional GPU extra; scaled_dot_product_attention is the fallback.
+# Optional GPU extras, used when importable and the tensors are on CUDA; plain PyTorch otherwise.
+try:
     from flash_attn import flash_attn_func
 except ImportError:
     flash_attn_func = None
+try:  # NVIDIA apex (not the unrelated PyPI package named "apex", which has no `normalization`)
+    from apex.normalization.fused_layer_norm import fused_rms_norm_affine
+except ImportError:
+    fused_rms_norm_affine = None
 
 
 class RMSNorm(nn.Module):
@@ -38,6 +43,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_rms_norm_affine is not None and x.is_cuda:
+            return fused_rms_norm_affine(x, self.weight, self.weight.shape, self.eps)
         # Normalise in fp32 for stability under bf16, as Llama does.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)

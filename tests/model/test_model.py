@@ -107,14 +107,27 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_attention_falls_back_to_sdpa_without_flash_attn(monkeypatch):
-    """flash-attn is never installed on CPU CI; with or without it importable, CPU tensors use SDPA."""
+def test_gpu_extras_fall_back_to_plain_pytorch(monkeypatch):
+    """flash-attn and NVIDIA apex are never installed on CPU CI (the import falls back to None), and even
+    when importable they are only used for CUDA tensors: CPU runs use SDPA and the plain RMSNorm."""
     model = build(TINY).eval()
     tokens = torch.randint(0, TINY.vocab_size, (1, 12))
     with torch.no_grad():
         reference = model(tokens)
         monkeypatch.setattr(model_module, "flash_attn_func", lambda *a, **k: pytest.fail("flash-attn used on CPU"))
+        monkeypatch.setattr(model_module, "fused_rms_norm_affine", lambda *a, **k: pytest.fail("apex used on CPU"))
         torch.testing.assert_close(model(tokens), reference)
+
+
+def test_gpu_extras_are_absent_here():
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        assert model_module.flash_attn_func is None
+    try:
+        from apex.normalization import fused_layer_norm  # noqa: F401
+    except ImportError:
+        assert model_module.fused_rms_norm_affine is None
 
 
 def test_init_std_and_norms():

@@ -163,3 +163,37 @@ def test_impossible_settings_fail_before_any_process_group(tmp_path, token_shard
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_wandb_run_id_survives_resume_and_tensorboard_logs(tmp_path, token_shards):
+    """wandb (offline, no network) and TensorBoard on; the resumed run reuses the wandb run id."""
+    run = make_run(tmp_path / "logged", token_shards, train={"steps": 4, "log_interval": 1},
+                   logging={"wandb": True, "wandb_mode": "offline", "tensorboard": True})
+
+    class StopsAt2(SignalledAt):
+        stop_step = 2
+
+    def job(rank):
+        StopsAt2(run).train()
+        first = json.loads((tmp_path / "logged" / "checkpoints" / "step_0000002" / "trainer_state.json").read_text())
+        Trainer(run).train()
+        last = json.loads((tmp_path / "logged" / "checkpoints" / "step_0000004" / "trainer_state.json").read_text())
+        return first["wandb_run_id"], last["wandb_run_id"]
+
+    [(first_id, last_id)] = run_ranks(job, world_size=1)
+    assert first_id and first_id == last_id
+    assert list((tmp_path / "logged" / "wandb").glob(f"offline-run-*-{first_id}"))
+    assert list((tmp_path / "logged" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_checkpoint_table_reports_damage(tmp_path, token_shards, repo_root):
+    run = make_run(tmp_path / "r", token_shards, checkpoint={"interval_tokens": 2 * 8 * 32}, train={"steps": 4, "log_interval": 1})
+    run_ranks(lambda rank: Trainer(run).train() and None, world_size=1)
+    victim = next((tmp_path / "r" / "checkpoints" / "step_0000004" / "optimizer").glob("*.safetensors"))
+    victim.write_bytes(victim.read_bytes()[:-1] + b"!")
+    out = subprocess.run([sys.executable, "-m", "megamobi.checkpoints", str(tmp_path / "r"), "--verify"],
+                         cwd=repo_root, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0].split()[:4] == ["checkpoint", "step", "samples", "tokens"]
+    step2, step4 = out[1].split(), out[2].split()
+    assert step2[:4] == ["step_0000002", "2", "16", "512"] and step2[-1] == "verified"
+    assert "BROKEN:" in out[2] and "sha256 differs" in out[2] and step4[5:9] == ["T1", "P1", "D1", "Z1"]
