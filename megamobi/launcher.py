@@ -49,7 +49,7 @@ class NodePlan:
         if self.slurm:
             cmd += [f"--hostfile={hostfile}", "--no_ssh", f"--node_rank={self.node_rank}",
                     f"--num_nodes={len(self.hosts)}"]
-        cmd += [f"--num_gpus={self.procs_per_node}", f"--master_addr={self.master_addr}",
+        cmd += [f"--num_gpus={self.procs_per_node}", f"--master_addr={self.master_addr}", "--log_level=warning",
                 f"--master_port={self.master_port}", "--module", "megamobi.pretrain", "--config", run_config, *overrides]
         return cmd
 
@@ -72,6 +72,15 @@ def expand_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
+def _cuda_devices() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        return 0
+
+
 def _procs_per_node(env: dict[str, str]) -> int:
     if env.get("NPROC_PER_NODE"):
         return int(env["NPROC_PER_NODE"])
@@ -79,14 +88,7 @@ def _procs_per_node(env: dict[str, str]) -> int:
         value = env.get(key, "")
         if value:
             return int(value.split(":")[-1])  # "a100:8" -> 8
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.device_count()
-    except ImportError:
-        pass
-    return 2  # CPU: two processes, enough to exercise data parallelism
+    return _cuda_devices() or 2  # CPU: two processes, enough to exercise data parallelism
 
 
 def plan_from_env(env: dict[str, str] | None = None) -> NodePlan:
@@ -133,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     if plan.slurm:
         Path(hostfile).write_text(plan.hostfile())
     env.setdefault("OMP_NUM_THREADS", "1")  # DeepSpeed's launcher leaves it unset on CPU
+    if not plan.slurm and _cuda_devices() == 0:
+        env.setdefault("DS_ACCELERATOR", "cpu")  # say it, instead of a warning from every process
     # SLURM's --signal=USR1@T reaches every process of the step. The launchers must survive it (its
     # default action is to exit); megamobi.pretrain installs its own handler and saves a checkpoint.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)

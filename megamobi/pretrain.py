@@ -27,6 +27,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def quiet_known_noise() -> None:
+    """Silence messages about choices megamobi makes on purpose, so the log shows what matters."""
+    import logging
+    import warnings
+
+    # DeepSpeed's own collectives use the old name; nothing for users to act on.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    # DeepSpeed's CPU pipeline p2p broadcasts inside autograd; the gradients are correct (tested).
+    warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel was not registered")
+    from deepspeed.utils import logger as ds_logger
+
+    # We pass torch's AdamW to ZeRO deliberately (tested against single-process training).
+    ds_logger.addFilter(lambda record: "untested optimizer" not in record.getMessage())
+    ds_logger.setLevel(max(ds_logger.level, logging.WARNING))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from megamobi.training.run_config import load_run_config
@@ -45,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from megamobi.distributed import init_distributed
     from megamobi.training.loop import NonFiniteLossError, Trainer
 
+    quiet_known_noise()
     init_distributed()
     try:
         Trainer(run).train()
