@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     init_distributed()
     try:
         Trainer(run).train()
+    except ConfigError as err:
+        print(f"megamobi: error: {err}", file=sys.stderr)
+        return 2
     except NonFiniteLossError as err:
         print(f"megamobi: error: {err}", file=sys.stderr)
         return 3

@@ -126,8 +126,9 @@ def save_checkpoint(*, run_dir: Path, engine, state: TrainerState, model_config:
         if final.exists():  # a re-run of the same step after a crash: replace it
             shutil.rmtree(final)
         partial.rename(final)
-        write_json_atomic(root / "latest.json", {"checkpoint": name})
-        (root / "latest").write_text(name + "\n")
+        tmp = root / "latest.tmp"
+        tmp.write_text(name + "\n")
+        tmp.replace(root / "latest")
         if keep_last:
             for old in complete_checkpoints(run_dir)[:-keep_last]:
                 shutil.rmtree(old)

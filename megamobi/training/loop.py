@@ -9,6 +9,7 @@ that time is up), and stop at the configured number of steps or tokens.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import signal
 import time
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megamobi.checkpointing.manifest import read_manifest
+from megamobi.config_io import ConfigError
 from megamobi.checkpointing.model_files import read_full_model
 from megamobi.checkpointing.safe_deepspeed import use_safe_loading
 from megamobi.model import flops_per_token
@@ -29,6 +31,7 @@ from megamobi.parallel.shard_specs import load_full_state_dict
 from megamobi.training.checkpoint import (
     TrainerState,
     broadcast_path,
+    complete_checkpoints,
     find_resume_checkpoint,
     load_checkpoint,
     read_trainer_state,
@@ -113,8 +116,11 @@ class Trainer:
         self.state = TrainerState()
         if resume_from is not None:
             self._resume(resume_from, reshard=reshard)
-        elif init_from is not None and self.rank == 0:
-            print(f"[megamobi] initialised the model from {init_from} (weights only; fresh optimizer)", flush=True)
+        else:
+            if self.rank == 0:  # a fresh run: no log lines from an earlier attempt that saved nothing
+                _truncate_metrics(self.run_dir / "metrics.jsonl", after_step=0)
+            if init_from is not None and self.rank == 0:
+                print(f"[megamobi] initialised the model from {init_from} (weights only; fresh optimizer)", flush=True)
         self.logger = MetricsLogger(run_dir=self.run_dir, config=run.logging, enabled=self.rank == 0,
                                     total_steps=self.total_steps, run_name=self.run_dir.name,
                                     wandb_run_id=self.state.wandb_run_id, run_config=dataclasses.asdict(run))
@@ -135,13 +141,17 @@ class Trainer:
             value = loss_fn(logits, labels)
             if self._zero_loss:
                 return value * 0.0
-            return value * float("nan") if self.state.step in poisoned else value
+            # Only training steps are poisoned, never validation (which runs without grad).
+            return value * float("nan") if self.state.step in poisoned and torch.is_grad_enabled() else value
 
         return loss
 
     # --- resume ------------------------------------------------------------------------------
     def _find_resume_checkpoint(self) -> Path | None:
         if not self.run.checkpoint.resume:
+            if complete_checkpoints(self.run_dir):
+                raise ConfigError(f"{self.run_dir} already holds checkpoints and checkpoint.resume is false: a new run "
+                                  "would overwrite them. Use a new run_dir, or checkpoint.resume: true to continue.")
             return None
         found = None
         if self.rank == 0:
@@ -328,8 +338,6 @@ def _truncate_metrics(path: Path, *, after_step: int) -> None:
     metrics.jsonl reads as if the run had never been interrupted."""
     if not path.is_file():
         return
-    import json
-
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= after_step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))

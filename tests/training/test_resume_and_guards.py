@@ -12,6 +12,7 @@ import torch
 from multiproc import run_ranks
 
 from megamobi.checkpointing.manifest import read_manifest
+from megamobi.config_io import ConfigError
 from megamobi.checkpointing.model_files import read_full_model
 from megamobi.training.checkpoint import find_resume_checkpoint
 from megamobi.training.ds_config import build_ds_config
@@ -197,3 +198,19 @@ def test_checkpoint_table_reports_damage(tmp_path, token_shards, repo_root):
     step2, step4 = out[1].split(), out[2].split()
     assert step2[:4] == ["step_0000002", "2", "16", "512"] and step2[-1] == "verified"
     assert "BROKEN:" in out[2] and "sha256 differs" in out[2] and step4[5:9] == ["T1", "P1", "D1", "Z1"]
+
+
+def test_a_fresh_run_never_overwrites_checkpoints(tmp_path, token_shards):
+    run = make_run(tmp_path / "r", token_shards, train={"steps": 2, "log_interval": 1})
+    fresh = make_run(tmp_path / "r", token_shards, train={"steps": 2, "log_interval": 1}, checkpoint={"resume": False})
+
+    def job(rank):
+        Trainer(run).train()
+        try:
+            Trainer(fresh)
+        except ConfigError as err:
+            return str(err)
+
+    [message] = run_ranks(job, world_size=1)
+    assert "already holds checkpoints and checkpoint.resume is false" in message
+    assert (tmp_path / "r" / "checkpoints" / "step_0000002" / "megamobi.json").is_file()
