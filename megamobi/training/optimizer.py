@@ -33,13 +33,12 @@ class FiniteStepAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        params = [p for group in self.param_groups for p in group["params"]]
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         # ZeRO-3 calls step() once per parameter sub-group, sometimes with an empty group.
-        device = params[0].device if params else ("cuda" if torch.cuda.is_available() else "cpu")
+        device = grads[0].device if grads else ("cuda" if torch.cuda.is_available() else "cpu")
         bad = torch.zeros(1, device=device)
-        for p in params:
-            if p.grad is not None and not torch.isfinite(p.grad).all():
-                bad.fill_(1.0)
+        if grads:  # one flag for all tensors: a single host sync per step, not one per tensor
+            bad = (~torch.stack([torch.isfinite(g).all() for g in grads]).all()).float().reshape(1)
         if dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.group)
         self.last_step_skipped = bool(bad.item())
