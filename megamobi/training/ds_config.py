@@ -31,4 +31,9 @@ def build_ds_config(run: RunConfig, *, world_size: int) -> dict[str, Any]:
     if run.precision == "bf16":
         # check_grad_overflow: DeepSpeed also refuses non-finite bf16 steps, like our optimizer guard.
         config["bf16"] = {"enabled": True, "check_grad_overflow": True}
+        if run.parallel.zero_stage == 1:
+            # Accumulate gradients in fp32 (DeepSpeed's BF16_Optimizer): micro-batches add up without
+            # bf16 rounding, and in pipelines the shared FFN's replica gradients are all-reduced over
+            # the tie group in fp32, not bf16.
+            config["data_types"] = {"grad_accum_dtype": "fp32"}
     return _merge(config, run.deepspeed)

@@ -3,6 +3,7 @@
 
 import shutil
 
+import pytest
 import torch
 from multiproc import run_ranks
 from safetensors import safe_open
@@ -19,9 +20,11 @@ def _train(rank, runs):
         Trainer(run).train()
 
 
-def test_bf16_trains_like_fp32_and_reshards(tmp_path, token_shards):
-    fp32 = make_run(tmp_path / "fp32", token_shards, **KW)
-    bf16 = make_run(tmp_path / "bf16", token_shards, precision="bf16", **KW)
+@pytest.mark.parametrize("pipeline", [1, 2], ids=["data-parallel", "pipeline"])
+def test_bf16_trains_like_fp32_and_reshards(tmp_path, token_shards, pipeline):
+    parallel = {"pipeline": pipeline, "zero_stage": 1}
+    fp32 = make_run(tmp_path / "fp32", token_shards, parallel=parallel, **KW)
+    bf16 = make_run(tmp_path / "bf16", token_shards, precision="bf16", parallel=parallel, **KW)
     run_ranks(_train, world_size=2, args=([fp32, bf16],))
     losses = torch.tensor(train_losses(tmp_path / "bf16"))
     assert torch.isfinite(losses).all()
@@ -30,7 +33,7 @@ def test_bf16_trains_like_fp32_and_reshards(tmp_path, token_shards):
     with safe_open(str(weights), framework="pt") as f:  # the fp32 master copy, not the bf16 weights
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
 
-    # Resume the bf16 run from step 2 on ONE process (D 2 -> 1): it continues like the original.
+    # Resume the bf16 run from step 2 on ONE process: it continues like the original.
     shutil.copytree(tmp_path / "bf16", tmp_path / "bf16-d1")
     shutil.rmtree(tmp_path / "bf16-d1" / "checkpoints" / "step_0000004")
     resumed = make_run(tmp_path / "bf16-d1", token_shards, precision="bf16", **KW)
