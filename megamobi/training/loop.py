@@ -195,6 +195,7 @@ class Trainer:
 
     def _train_step(self, batches) -> torch.Tensor:
         """The mean loss over the global batch, the same value on every rank."""
+        self.optimizer.last_step_skipped = False  # DeepSpeed may skip a bad step before our guard runs
         if self.is_pipeline:
             pairs = ((b["input_ids"], b["labels"]) for b in batches)
             loss = self.engine.train_batch(data_iter=pairs)
