@@ -141,3 +141,35 @@ def test_train_tokenizer_script(tmp_path, docs):
     assert sp.decode(sp.encode("héllo ∑ wörld")) == "héllo ∑ wörld"  # byte fallback
     r = run_tool("train_tokenizer.py", "--input", corpus, "--output", tmp_path / "t2", "--vocab-size", 100)
     assert r.returncode == 1 and "--vocab-size" in r.stderr
+
+
+def test_kill_9_mid_run_then_rerun_gives_the_same_shards(tmp_path):
+    """A real crash: SIGKILL the preprocessor (and its workers) while shards are being written."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from data_helpers import REPO_ROOT
+
+    source = write_amber(tmp_path / "train_000.jsonl", amber_rows(1200, seed=3))
+    args = ["--input", str(source), "--samples-per-shard", "20", "--workers", "2", "--chunk-mb", "0.5", "--no-progress"]
+    reference = tmp_path / "ref"
+    assert run_tool("preprocess_amber.py", *args, "--output", str(reference)).returncode == 0
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "data_tools/preprocess_amber.py", *args, "--output", str(out)],
+                            cwd=REPO_ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while len(list(out.glob("shard_*.bin"))) < 3:
+        assert proc.poll() is None, "finished before it could be killed: make the input larger"
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: the workers too
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    assert len(list(out.glob("shard_*.bin"))) < len(list(reference.glob("shard_*.bin")))
+    r = run_tool("preprocess_amber.py", *args, "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    assert shard_files(out) == shard_files(reference)
+    assert not list(out.glob("*.tmp"))
