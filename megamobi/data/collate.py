@@ -15,7 +15,7 @@ def collate(samples: Sequence[np.ndarray]) -> dict:
     return {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}
 
 
-def eval_batches(val_ds, micro_batch_size: int, dp_rank: int, dp_size: int,
+def eval_batches(val_ds, *, micro_batch_size: int, dp_rank: int, dp_size: int,
                  max_samples: int | None = None) -> Iterator[dict]:
     """Validation samples 0..n-1 in order, n = min(len, max_samples) rounded down to a multiple of
     dp_size; rank r gets the contiguous slice [r*n/D, (r+1)*n/D) in micro-batches (the last may be

@@ -100,7 +100,7 @@ def gather_full_state_dict(module, groups: ParallelGroups) -> dict[str, torch.Te
 
 
 @torch.no_grad()
-def load_full_state_dict(module, groups: ParallelGroups, full_state_dict: dict[str, torch.Tensor]) -> None:
+def load_full_state_dict(module, groups: ParallelGroups, *, full_state_dict: dict[str, torch.Tensor]) -> None:
     """Copy this rank's shard of every parameter from a full plain-model state dict (the same dict
     on every rank; e.g. torch.load(..., mmap=True) on each). Call before deepspeed.initialize: after
     it, a ZeRO optimizer keeps its own fp32 master copy of the weights."""

@@ -59,5 +59,5 @@ class RunData:
     def val_batches(self, *, dp_rank: int, dp_size: int) -> Iterator[dict]:
         if self.val is None:
             return iter(())
-        return eval_batches(self.val, self.run.batch.micro_batch_size, dp_rank, dp_size,
+        return eval_batches(self.val, micro_batch_size=self.run.batch.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
                             max_samples=self.run.train.eval_samples)

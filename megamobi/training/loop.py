@@ -97,7 +97,7 @@ class Trainer:
                                      sequence_parallel=run.parallel.sequence_parallel,
                                      activation_checkpointing=self.model_config.activation_checkpointing)
         if init_from is not None:
-            load_full_state_dict(built.module, self.groups, read_full_model(init_from))
+            load_full_state_dict(built.module, self.groups, full_state_dict=read_full_model(init_from))
         self.is_pipeline = built.is_pipeline
         self._zero_loss = False
         self.loss_fn = self._guarded_loss(built.loss_fn)

@@ -40,7 +40,7 @@ def _full_weight(param: torch.nn.Parameter) -> torch.Tensor:
     return (param.detach().float() if full is None else full).cpu()
 
 
-def _full_state(param: torch.nn.Parameter, key: str, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+def _full_state(param: torch.nn.Parameter, key: str, *, optimizer: torch.optim.Optimizer) -> torch.Tensor:
     full = safe_get_full_optimizer_state(param, key)  # collective under ZeRO
     if full is None:  # ZeRO-0 (fp32 only): the torch optimizer holds the model's own parameters
         state = optimizer.state.get(param, {})
@@ -75,7 +75,7 @@ def write_portable_state(*, engine, groups: ParallelGroups, optimizer: torch.opt
     state_shards: dict[str, TensorShard] = {}
     for name, param in engine.module.named_parameters():
         weight = _full_weight(param)
-        moments = {key: _full_state(param, key, optimizer) for key in ADAM_STATES}
+        moments = {key: _full_state(param, key, optimizer=optimizer) for key in ADAM_STATES}
         spec = specs[name]
         # One copy of everything: data rank 0 writes, tensor rank 0 writes what is not split,
         # pipeline stage 0 writes the shared FFN (the other stages hold replicas).
@@ -94,7 +94,7 @@ def write_portable_state(*, engine, groups: ParallelGroups, optimizer: torch.opt
         write_model_shard(checkpoint_dir / OPTIMIZER_DIR / file, tensors=states, shards=state_shards)
 
 
-def _local(full: torch.Tensor, spec, groups: ParallelGroups) -> torch.Tensor:
+def _local(full: torch.Tensor, *, spec, groups: ParallelGroups) -> torch.Tensor:
     if spec.split_dim is None:
         return full
     return _local_slice(full, dim=spec.split_dim, rank=groups.tensor_rank, world=groups.layout.tensor)
@@ -110,10 +110,10 @@ def load_portable_optimizer_state(*, engine, groups: ParallelGroups, optimizer: 
     specs = parameter_shard_specs(engine.module, groups)
     for name, param in engine.module.named_parameters():
         spec = specs[name]
-        weight = _local(weights[spec.full_key], spec, groups).to(param.device)
+        weight = _local(weights[spec.full_key], spec=spec, groups=groups).to(param.device)
         safe_set_full_fp32_param(param, weight)
         for key in ADAM_STATES:
-            value = _local(states[f"{spec.full_key}:{key}"], spec, groups).to(param.device)
+            value = _local(states[f"{spec.full_key}:{key}"], spec=spec, groups=groups).to(param.device)
             if hasattr(param, "_hp_mapping") or hasattr(param, "ds_id"):
                 safe_set_full_optimizer_state(param, value, key)
             else:

@@ -96,10 +96,10 @@ def test_val_split_disjoint_and_deterministic(shard_dir):
     _, val_other = build_datasets([directory], val_fraction=0.1, seed=6)
     assert [val_again.base_index(i) for i in range(10)] == v_idx
     assert [val_other.base_index(i) for i in range(10)] != v_idx
-    ranks = [list(eval_batches(val, 2, r, 3)) for r in range(3)]
+    ranks = [list(eval_batches(val, micro_batch_size=2, dp_rank=r, dp_size=3)) for r in range(3)]
     assert [len(b) for b in ranks] == [2, 2, 2]  # 9 samples / 3 ranks, micro-batches 2 + 1
     assert ranks[1][0]["labels"][0].tolist() == rows[v_idx[3]]["token_ids"][1:]
-    assert len(list(eval_batches(val, 4, 0, 1, max_samples=5))) == 2
+    assert len(list(eval_batches(val, micro_batch_size=4, dp_rank=0, dp_size=1, max_samples=5))) == 2
 
 
 def test_blending_proportions(shard_dir):

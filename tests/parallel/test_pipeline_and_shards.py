@@ -36,7 +36,7 @@ def _shards_job(rank: int) -> dict:
     # Load another model's weights, gather them back.
     torch.manual_seed(99)
     other = {k: v.clone() for k, v in MobiLlama(SHARED).state_dict().items()}
-    load_full_state_dict(built.module, groups, other)
+    load_full_state_dict(built.module, groups, full_state_dict=other)
     full = gather_full_state_dict(built.module, groups)
     out["reloaded_diff"] = None if full is None else max(float((full[k] - other[k]).abs().max()) for k in other)
 
