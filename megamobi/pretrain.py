@@ -47,11 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from megamobi.training.run_config import load_run_config
 
+    from megamobi.data import DataError
+    from megamobi.training.data_stream import RunData
+
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         run = load_run_config(args.config, args.overrides)
         run.validate(world_size=world_size)
-    except ConfigError as err:
+        # Open the shards now (headers only): a damaged shard or an unknown source weight fails here.
+        data = RunData(run)
+    except (ConfigError, DataError) as err:
         print(f"megamobi: error: {err}", file=sys.stderr)
         return 2
     if args.check_only:
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_known_noise()
     init_distributed()
     try:
-        Trainer(run).train()
+        Trainer(run, data=data).train()
     except ConfigError as err:
         print(f"megamobi: error: {err}", file=sys.stderr)
         return 2

@@ -72,7 +72,7 @@ def checkpoint_due(*, consumed_tokens_before: int, consumed_tokens_after: int, i
 
 
 class Trainer:
-    def __init__(self, run: RunConfig):
+    def __init__(self, run: RunConfig, *, data: RunData | None = None):
         self.run = run
         self.model_config = run.model_config
         world_size = dist.get_world_size()
@@ -112,7 +112,7 @@ class Trainer:
             mpu=None if self.is_pipeline else self.groups)
         use_safe_loading(self.engine)
         self.device = self.engine.device
-        self.data = RunData(run)
+        self.data = data or RunData(run)
         self.state = TrainerState()
         if resume_from is not None:
             self._resume(resume_from, reshard=reshard)

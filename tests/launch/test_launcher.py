@@ -1,7 +1,6 @@
 """The SLURM launch path as far as a CPU machine allows: host lists, rank arithmetic, the dry run;
 and one real `deepspeed` launch through launch/pretrain.sh on this machine."""
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -9,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from run_yaml import write_run_yaml
 
 from megamobi.launcher import expand_nodelist, plan_from_env
 
@@ -47,15 +46,10 @@ def test_inconsistent_slurm_environment_is_refused():
         plan_from_env({"SLURM_JOB_ID": "1"})
 
 
-def _write_run_yaml(path: Path, run) -> Path:
-    path.write_text(yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(run)))))
-    return path
-
-
 def test_dry_run_prints_one_deepspeed_per_node(tmp_path, token_shards):
     from launch_runs import make_small_run
 
-    run_yaml = _write_run_yaml(tmp_path / "run.yaml", make_small_run(tmp_path / "run", token_shards, global_batch=64))
+    run_yaml = write_run_yaml(tmp_path / "run.yaml", make_small_run(tmp_path / "run", token_shards, global_batch=64))
     env = {**os.environ, **SLURM_4x8, "MEGAMOBI_DRY_RUN": "1", "PYTHON": sys.executable}
     out = subprocess.run(["bash", str(REPO / "launch/pretrain.sh"), str(run_yaml), "train.steps=3"], env=env,
                          capture_output=True, text=True, cwd=tmp_path)
@@ -71,7 +65,7 @@ def test_dry_run_prints_one_deepspeed_per_node(tmp_path, token_shards):
 def test_dry_run_refuses_a_config_that_cannot_work_at_that_size(tmp_path, token_shards):
     from launch_runs import make_small_run
 
-    run_yaml = _write_run_yaml(tmp_path / "run.yaml", make_small_run(tmp_path / "run", token_shards, global_batch=8))
+    run_yaml = write_run_yaml(tmp_path / "run.yaml", make_small_run(tmp_path / "run", token_shards, global_batch=8))
     env = {**os.environ, **SLURM_4x8, "MEGAMOBI_DRY_RUN": "1", "PYTHON": sys.executable}
     out = subprocess.run(["bash", str(REPO / "launch/pretrain.sh"), str(run_yaml)], env=env, capture_output=True, text=True)
     assert out.returncode == 2
@@ -83,7 +77,7 @@ def test_real_deepspeed_launch_on_this_machine(tmp_path, token_shards):
     from launch_runs import make_small_run
 
     run = make_small_run(tmp_path / "run", token_shards, global_batch=8)
-    run_yaml = _write_run_yaml(tmp_path / "run.yaml", run)
+    run_yaml = write_run_yaml(tmp_path / "run.yaml", run)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(NPROC_PER_NODE="2", PYTHON=sys.executable, MASTER_PORT=str(_free_port()))
     out = subprocess.run(["bash", str(REPO / "launch/pretrain.sh"), str(run_yaml), "train.steps=3"], env=env,

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from multiproc import run_ranks
+from run_yaml import write_run_yaml
 
 from megamobi.checkpointing.manifest import read_manifest
 from megamobi.config_io import ConfigError
@@ -153,12 +154,7 @@ def test_ds_config_is_derived_from_the_run(tmp_path, token_shards):
     (["optimizer.lr=fast"], 1, "optimizer.lr: expected a number, got 'fast'"),
 ])
 def test_impossible_settings_fail_before_any_process_group(tmp_path, token_shards, repo_root, overrides, world, message):
-    run = make_run(tmp_path / "r", token_shards)
-    path = tmp_path / "run.yaml"
-    import dataclasses
-
-    import yaml
-    path.write_text(yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(run)))))
+    path = write_run_yaml(tmp_path / "run.yaml", make_run(tmp_path / "r", token_shards))
     proc = subprocess.run([sys.executable, "-m", "megamobi.pretrain", "--config", str(path), *overrides],
                           cwd=repo_root, capture_output=True, text=True, env={**os.environ, "WORLD_SIZE": str(world)})
     assert proc.returncode == 2, proc.stderr
@@ -214,3 +210,19 @@ def test_a_fresh_run_never_overwrites_checkpoints(tmp_path, token_shards):
     [message] = run_ranks(job, world_size=1)
     assert "already holds checkpoints and checkpoint.resume is false" in message
     assert (tmp_path / "r" / "checkpoints" / "step_0000002" / "megamobi.json").is_file()
+
+
+def test_data_problems_fail_before_any_process_group(tmp_path, token_shards, repo_root):
+    path = write_run_yaml(tmp_path / "run.yaml", make_run(tmp_path / "r", token_shards))
+    proc = subprocess.run([sys.executable, "-m", "megamobi.pretrain", "--check-only", "--config", str(path),
+                           "data.source_weights={c4: 1.0, c5: 2.0}"], cwd=repo_root, capture_output=True, text=True)
+    assert proc.returncode == 2 and "source_weights names unknown sources ['c5']" in proc.stderr, proc.stderr
+
+
+def test_keep_last_deletes_only_older_checkpoints(tmp_path, token_shards):
+    run = make_run(tmp_path / "r", token_shards, train={"steps": 4, "log_interval": 1},
+                   checkpoint={"interval_tokens": 8 * 32, "keep_last": 2})
+    run_ranks(lambda rank: Trainer(run).train() and None, world_size=1)
+    names = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
+    assert names == ["latest", "step_0000003", "step_0000004"]
+    assert (tmp_path / "r" / "checkpoints" / "latest").read_text() == "step_0000004\n"
