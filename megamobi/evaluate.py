@@ -30,7 +30,8 @@ def evaluate(*, checkpoint: str, data: list[str], samples: int, seq_len: int, ba
         raise SystemExit(f"error: --seq-len {seq_len} is longer than the model's max_seq_len {model.config.max_seq_len}")
     dataset = ShardedDataset(data)
     count = min(samples, len(dataset))
-    source_of = dataset.sample_sources()[:count]
+    # Only the evaluated samples' sources: the whole corpus's per-sample array would be O(N) memory.
+    source_of = np.array([dataset.source_of(i) for i in range(count)], dtype=np.int64)
     loss_sum = np.zeros(len(dataset.sources))
     token_count = np.zeros(len(dataset.sources))
     for start in range(0, count, batch):

@@ -71,6 +71,11 @@ class ShardedDataset:
         shard, row = self.locate(int(index))
         return self._bins[shard][row]
 
+    def source_of(self, index: int) -> int:
+        """Global source id of one sample (reads one entry of its shard's source file)."""
+        shard, row = self.locate(int(index))
+        return int(self._src_maps[shard][np.load(self._src_files[shard], mmap_mode="r")[row]])
+
     def sample_sources(self) -> np.ndarray:
         """Global source id of every sample (int64, one entry per sample). O(N): used only for
         blending and per-source statistics, never at plain start-up."""

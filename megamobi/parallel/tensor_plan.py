@@ -31,7 +31,7 @@ import torch
 from megamobi.config_io import ConfigError
 from megamobi.model import MLP, Attention, MobiLlama, RMSNorm, language_model_loss
 from megamobi.model_config import ModelConfig
-from megamobi.parallel.groups import ParallelGroups
+from megamobi.parallel.groups import Layout, ParallelGroups
 from megamobi.parallel.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -54,12 +54,7 @@ def validate_layout(model_config: ModelConfig, *, tensor: int, pipeline: int, wo
     fails on the login node instead of inside a SLURM allocation.
     """
     c = model_config
-    if tensor < 1 or pipeline < 1:
-        raise ConfigError(f"parallel.tensor and parallel.pipeline must be >= 1, got {tensor} and {pipeline}")
-    if world_size % (tensor * pipeline):
-        raise ConfigError(
-            f"world size {world_size} is not divisible by tensor x pipeline = {tensor} x {pipeline}; "
-            f"launch a multiple of {tensor * pipeline} processes or change parallel.tensor/pipeline")
+    Layout.for_world(world_size=world_size, tensor=tensor, pipeline=pipeline)  # sizes >= 1, world divisible
     for what, value in (("num_attention_heads", c.num_attention_heads), ("num_key_value_heads", c.kv_heads),
                         ("intermediate_size", c.intermediate_size)):
         if value % tensor:

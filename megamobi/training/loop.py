@@ -115,7 +115,7 @@ class Trainer:
         self.data = data or RunData(run)
         self.state = TrainerState()
         if resume_from is not None:
-            self._resume(resume_from, reshard=reshard)
+            self._resume(resume_from, saved_layout=saved_layout, reshard=reshard)
         else:
             if self.rank == 0:  # a fresh run: no log lines from an earlier attempt that saved nothing
                 _truncate_metrics(self.run_dir / "metrics.jsonl", after_step=0)
@@ -158,7 +158,7 @@ class Trainer:
             found = find_resume_checkpoint(self.run_dir, report=lambda msg: print(f"[megamobi] {msg}", flush=True))
         return broadcast_path(found)
 
-    def _resume(self, checkpoint: Path, *, reshard: bool) -> None:
+    def _resume(self, checkpoint: Path, *, saved_layout: dict | None, reshard: bool) -> None:
         if reshard:
             self.state = read_trainer_state(checkpoint)
             self._prime_optimizer_state()
@@ -172,7 +172,7 @@ class Trainer:
             sync_shared_ffn_replicas(self.engine, self.groups)
         if self.rank == 0:
             _truncate_metrics(self.run_dir / "metrics.jsonl", after_step=self.state.step)
-            how = f"resharded from layout {read_manifest(checkpoint)['layout']}" if reshard else "same layout"
+            how = f"resharded from layout {saved_layout}" if reshard else "same layout"
             print(f"[megamobi] resumed from {checkpoint} at step {self.state.step} ({self.state.consumed_samples} "
                   f"samples, {self.state.consumed_tokens} tokens; {how})", flush=True)
 

@@ -25,13 +25,18 @@ from deepspeed.utils import (
     safe_set_full_optimizer_state,
 )
 
-from megamobi.checkpointing.model_files import TensorShard, read_full_tensors, shard_file_name, write_model_shard
+from megamobi.checkpointing.model_files import (
+    MODEL_DIR,
+    TensorShard,
+    read_full_tensors,
+    shard_file_name,
+    write_model_shard,
+)
 from megamobi.parallel.groups import ParallelGroups
 from megamobi.parallel.shard_specs import parameter_shard_specs
 from megamobi.parallel.tensor_parallel import _local_slice
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
-MODEL_DIR = "model"
 OPTIMIZER_DIR = "optimizer"
 
 
