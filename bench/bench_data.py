@@ -13,13 +13,20 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megamobi.data import GlobalBatchSampler, build_datasets, collate  # noqa: E402
-from megamobi.data.preprocess import PreprocessOptions, preprocess  # noqa: E402
-from megamobi.data.tokenizer_training import train_tokenizer  # noqa: E402
+from megamobi.data import GlobalBatchSampler, build_datasets, collate
+from megamobi.data.preprocess import PreprocessOptions, preprocess
+from megamobi.data.tokenizer_training import train_tokenizer
 
 
 def english_docs() -> list[str]:
-    import argparse as a, collections, email, http.client, json as j, logging, pathlib, unittest  # noqa: E401
+    import argparse as a
+    import collections
+    import email
+    import http.client
+    import json as j
+    import logging
+    import pathlib
+    import unittest
 
     docs = []
     for module in (a, collections, email, http.client, j, logging, pathlib, unittest):
@@ -64,7 +71,7 @@ def bench_text(work: Path, *, text_mb: float) -> None:
     per_worker = {}
     for workers in (1, 2):
         out = work / f"text_out{workers}"
-        manifest, secs = timed(lambda: preprocess(PreprocessOptions(
+        manifest, secs = timed(lambda out=out, workers=workers: preprocess(PreprocessOptions(
             inputs=files, output=str(out), input_format="text", tokenizer=str(model),
             workers=workers, chunk_mb=4, progress=False, overwrite=True)))
         tps = manifest["stats"]["input_tokens"] / secs
@@ -86,7 +93,7 @@ def bench_amber(work: Path, *, lines: int) -> Path:
     rates = {}
     for workers in (1, 2):
         out = work / f"amber_out{workers}"
-        _, secs = timed(lambda: preprocess(PreprocessOptions(
+        _, secs = timed(lambda out=out, workers=workers: preprocess(PreprocessOptions(
             inputs=[str(path)], output=str(out), workers=workers, chunk_mb=8,
             samples_per_shard=1024, progress=False, overwrite=True)))
         rates[workers] = mb / secs

@@ -5,7 +5,7 @@ from pathlib import Path
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megamobi.data.cli import preprocess_main  # noqa: E402
+from megamobi.data.cli import preprocess_main
 
 if __name__ == "__main__":
     sys.exit(preprocess_main())

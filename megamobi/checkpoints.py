@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
         print(f"{r['checkpoint']:<20} {r['step']:>8} {r['consumed_samples']:>12,} {r['consumed_tokens']:>16,} {loss:>8} "
-              f"{r['layout']:<14} {r['bytes'] / 2**20:>7.1f}MB  {str(r['code_version']):<22} {r['status']}")
+              f"{r['layout']:<14} {r['bytes'] / 2**20:>7.1f}MB  {r['code_version']!s:<22} {r['status']}")
     return 0
 
 

@@ -45,10 +45,9 @@ def quiet_known_noise() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from megamobi.training.run_config import load_run_config
-
     from megamobi.data import DataError
     from megamobi.training.data_stream import RunData
+    from megamobi.training.run_config import load_run_config
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:

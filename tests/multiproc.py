@@ -42,7 +42,7 @@ def _child(fn, rank: int, world_size: int, port: int, args: tuple, queue) -> Non
         dist.barrier()
         dist.destroy_process_group()
         queue.put((rank, True, result))
-    except BaseException:  # noqa: BLE001 - everything must reach the parent
+    except BaseException:
         queue.put((rank, False, traceback.format_exc()))
 
 

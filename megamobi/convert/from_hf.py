@@ -19,7 +19,13 @@ from megamobi.checkpointing.manifest import write_manifest
 from megamobi.checkpointing.model_files import write_full_model
 from megamobi.config_io import ConfigError
 from megamobi.convert.errors import ConversionError
-from megamobi.convert.hf_keys import MLP_PROJS, TORCH_DTYPES, check_megamobi_state_dict, hf_layer_mlp_key, megamobi_key_for_hf
+from megamobi.convert.hf_keys import (
+    MLP_PROJS,
+    TORCH_DTYPES,
+    check_megamobi_state_dict,
+    hf_layer_mlp_key,
+    megamobi_key_for_hf,
+)
 from megamobi.model_config import ModelConfig
 
 FfnSharing = Literal["shared", "per_layer", "auto"]

@@ -17,7 +17,16 @@ from .shard_dataset import ShardedDataset
 from .subsets import BlendedDataset, BlockSubset
 
 __all__ = [
-    "BadInputError", "BlendedDataset", "BlockSubset", "DataConfigError", "DataError",
-    "GlobalBatchSampler", "SEQ_LEN", "ShardError", "ShardedDataset", "build_datasets", "collate",
+    "SEQ_LEN",
+    "BadInputError",
+    "BlendedDataset",
+    "BlockSubset",
+    "DataConfigError",
+    "DataError",
+    "GlobalBatchSampler",
+    "ShardError",
+    "ShardedDataset",
+    "build_datasets",
+    "collate",
     "eval_batches",
 ]

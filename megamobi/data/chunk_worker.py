@@ -5,9 +5,10 @@ the range) or a whole compressed / plain-text file. Chunks depend only on the in
 --chunk-mb, never on --workers, which is what makes the output independent of the worker count.
 """
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 import numpy as np
 

@@ -1,6 +1,6 @@
 """Turning samples into model batches. torch is imported here only, and lazily, so that the
 preprocessing tools do not pay for it."""
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 

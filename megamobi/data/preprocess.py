@@ -5,9 +5,9 @@ import os
 import shutil
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -199,7 +199,7 @@ class _Job:
             return self.sources.index(name)
         except ValueError:
             if len(self.sources) >= np.iinfo(np.uint16).max:
-                raise DataConfigError("more than 65535 distinct source names; source ids are uint16")
+                raise DataConfigError("more than 65535 distinct source names; source ids are uint16") from None
             self.sources.append(name)
             return len(self.sources) - 1
 

@@ -6,7 +6,7 @@ a seeded Feistel bijection (O(1) per position, nothing materialised). Global ste
 yields it in micro-batches of MB. Changing D or MB therefore regroups the same global batches, and
 resuming at consumed_samples=c (a multiple of GB) continues with step c // GB exactly.
 """
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

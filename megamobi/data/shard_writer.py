@@ -3,8 +3,8 @@ A shard therefore exists under its final name only when complete; the caller rec
 resume state only after the rename."""
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 

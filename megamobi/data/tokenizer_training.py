@@ -1,7 +1,7 @@
 """Train a LLaMA-style SentencePiece BPE tokenizer (byte fallback; unk 0, bos 1, eos 2)."""
 import io
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .errors import DataConfigError
 from .input_files import compression_of, expand_inputs, logical_name, open_decompressed

@@ -29,8 +29,21 @@ from megamobi.parallel.tensor_plan import (
 )
 
 __all__ = [
-    "Layout", "ParallelGroups", "ParallelModel", "build_parallel_model", "build_pipeline_module",
-    "PIPELINE_DS_CONFIG", "deepspeed_topology", "shared_ffn_replica", "sync_shared_ffn_replicas",
-    "ShardSpec", "parameter_shard_specs", "gather_full_state_dict", "load_full_state_dict",
-    "apply_tensor_parallel", "tensor_parallel_loss", "validate_layout", "validate_sequence_parallel",
+    "PIPELINE_DS_CONFIG",
+    "Layout",
+    "ParallelGroups",
+    "ParallelModel",
+    "ShardSpec",
+    "apply_tensor_parallel",
+    "build_parallel_model",
+    "build_pipeline_module",
+    "deepspeed_topology",
+    "gather_full_state_dict",
+    "load_full_state_dict",
+    "parameter_shard_specs",
+    "shared_ffn_replica",
+    "sync_shared_ffn_replicas",
+    "tensor_parallel_loss",
+    "validate_layout",
+    "validate_sequence_parallel",
 ]

@@ -30,7 +30,7 @@ class Layout:
     data: int = 1
 
     @classmethod
-    def for_world(cls, *, world_size: int, tensor: int, pipeline: int) -> "Layout":
+    def for_world(cls, *, world_size: int, tensor: int, pipeline: int) -> Layout:
         if tensor < 1 or pipeline < 1:
             raise ConfigError(f"parallel.tensor and parallel.pipeline must be >= 1, got {tensor} and {pipeline}")
         if world_size % (tensor * pipeline):

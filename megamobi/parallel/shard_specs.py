@@ -25,7 +25,12 @@ from torch import nn
 from megamobi.parallel.groups import ParallelGroups
 from megamobi.parallel.pipeline import unwrap
 from megamobi.parallel.pipeline_stages import PIPE_PIECES
-from megamobi.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, _local_slice
+from megamobi.parallel.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    _local_slice,
+)
 
 _SPLIT_LAYERS = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)
 
@@ -51,7 +56,7 @@ def parameter_shard_specs(module, groups: ParallelGroups) -> dict[str, ShardSpec
     pieces = {name: m for name, m in modules.items() if isinstance(m, PIPE_PIECES)}
     specs: dict[str, ShardSpec] = {}
     for name, param in module.named_parameters():
-        owner_name, _, leaf = name.rpartition(".")
+        owner_name, _, _leaf = name.rpartition(".")
         split_dim, full_size = _split_info(modules[owner_name])
         full_key = name
         if pieces:  # a pipeline module: map through the piece that owns the parameter

@@ -279,7 +279,7 @@ class ColumnParallelLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, groups: ParallelGroups, gather_output: bool = False,
                     sequence_parallel: bool = False, input_is_gathered: bool = False,
-                    pad_output: bool = False) -> "ColumnParallelLinear":
+                    pad_output: bool = False) -> ColumnParallelLinear:
         """This rank's rows of `linear`. pad_output: pad the output features with zero rows to a
         multiple of T (the vocabulary-parallel lm_head; `full_size` keeps the unpadded size)."""
         if linear.bias is not None:
@@ -330,7 +330,7 @@ class RowParallelLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, groups: ParallelGroups, input_is_parallel: bool = True,
-                    sequence_parallel: bool = False) -> "RowParallelLinear":
+                    sequence_parallel: bool = False) -> RowParallelLinear:
         if linear.bias is not None:
             raise ValueError("megamobi's linear layers have no bias")
         layer = cls(linear.in_features, linear.out_features, groups=groups, input_is_parallel=input_is_parallel,
@@ -373,7 +373,7 @@ class VocabParallelEmbedding(nn.Module):
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, *, groups: ParallelGroups,
-                       sequence_parallel: bool = False) -> "VocabParallelEmbedding":
+                       sequence_parallel: bool = False) -> VocabParallelEmbedding:
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, groups=groups,
                     sequence_parallel=sequence_parallel)
         with torch.no_grad():

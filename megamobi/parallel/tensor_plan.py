@@ -24,7 +24,7 @@ tensor-parallel regions is split along the sequence instead of replicated:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

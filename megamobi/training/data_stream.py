@@ -8,8 +8,8 @@ wasted); with L = 2048 a window is the sample itself. The sampler then shuffles 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 

@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 
 from megamobi.checkpointing.manifest import read_manifest
-from megamobi.config_io import ConfigError
 from megamobi.checkpointing.model_files import read_full_model
 from megamobi.checkpointing.safe_deepspeed import use_safe_loading
+from megamobi.config_io import ConfigError
 from megamobi.model import flops_per_token
 from megamobi.parallel.build import build_parallel_model
 from megamobi.parallel.groups import Layout, ParallelGroups

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `from convert_helpers import ...`
 
-from convert_helpers import CONFIG_KINDS, VOCAB, build_model, save_checkpoint, small_config  # noqa: E402
+from convert_helpers import CONFIG_KINDS, VOCAB, build_model, save_checkpoint, small_config
 
 
 @pytest.fixture(scope="session")

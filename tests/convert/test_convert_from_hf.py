@@ -55,7 +55,7 @@ def _released_style_copy(hf_dir, out_dir, *, bin_file: bool, stated_kv: int) -> 
 
 @pytest.mark.parametrize("bin_file", [True, False])
 def test_released_quirks(bin_file, checkpoints, tmp_path):
-    ckpt, model = checkpoints["shared"]
+    ckpt, _model = checkpoints["shared"]
     export_hf(ckpt, tmp_path / "hf", dtype="fp32", progress=False)
     _released_style_copy(tmp_path / "hf", tmp_path / "released", bin_file=bin_file, stated_kv=2)
     config = import_hf(tmp_path / "released", tmp_path / "back", name="imported")
@@ -65,7 +65,7 @@ def test_released_quirks(bin_file, checkpoints, tmp_path):
 
 
 def test_shared_requested_but_copies_differ(checkpoints, tmp_path):
-    ckpt, model = checkpoints["shared"]
+    ckpt, _model = checkpoints["shared"]
     export_hf(ckpt, tmp_path / "hf", dtype="fp32", progress=False, include_inv_freq=False)
     shard = next((tmp_path / "hf").glob("model-*.safetensors"))
     tensors = load_file(shard)

@@ -71,7 +71,7 @@ def test_layout_and_config_match_released_checkpoints(checkpoints, tmp_path):
 
 
 def test_no_inv_freq_and_small_shards(checkpoints, tmp_path):
-    ckpt, model = checkpoints["shared"]
+    ckpt, _model = checkpoints["shared"]
     export_hf(ckpt, tmp_path / "hf", dtype="fp32", max_shard_size="100KB", include_inv_freq=False, progress=False)
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
@@ -79,7 +79,7 @@ def test_no_inv_freq_and_small_shards(checkpoints, tmp_path):
     assert not any("inv_freq" in k for k in index["weight_map"])
     tensors = read_hf_tensors(tmp_path / "hf")
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
-    hf, info = load_hf(tmp_path / "hf")
+    _hf, info = load_hf(tmp_path / "hf")
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
 

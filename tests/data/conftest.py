@@ -6,7 +6,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `from data_helpers import ...`
 
-from data_helpers import english_text  # noqa: E402
+from data_helpers import english_text
 
 
 @pytest.fixture(scope="session")

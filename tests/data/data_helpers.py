@@ -7,14 +7,20 @@ from pathlib import Path
 
 import numpy as np
 
-from megamobi.data.indexed_format import SEQ_LEN  # noqa: F401  (used by the tests)
+from megamobi.data.indexed_format import SEQ_LEN
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def english_text() -> list[str]:
     """Docstrings of a few stdlib modules: English-ish text available offline."""
-    import argparse, collections, json as json_module, logging, pathlib, subprocess as sp, unittest  # noqa: E401
+    import argparse
+    import collections
+    import json as json_module
+    import logging
+    import pathlib
+    import subprocess as sp
+    import unittest
 
     docs = []
     for module in (argparse, collections, json_module, logging, pathlib, sp, unittest):

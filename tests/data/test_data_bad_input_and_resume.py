@@ -3,7 +3,6 @@ listed; interrupted runs resume to byte-identical output."""
 import json
 
 import pytest
-
 from data_helpers import amber_rows, run_tool, shard_files, write_amber, write_lines
 
 GOOD = json.dumps(amber_rows(1)[0])

@@ -5,10 +5,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from data_helpers import SEQ_LEN, amber_rows, write_amber
-from megamobi.data import (DataConfigError, GlobalBatchSampler, ShardError, build_datasets, collate,
-                           eval_batches)
+
+from megamobi.data import DataConfigError, GlobalBatchSampler, ShardError, build_datasets, collate, eval_batches
 from megamobi.data.preprocess import PreprocessOptions, preprocess
 
 

@@ -6,8 +6,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from data_helpers import SEQ_LEN, amber_rows, run_tool, shard_files, write_amber, write_lines
+
 from megamobi.data import ShardedDataset
 from megamobi.data.errors import DataConfigError
 from megamobi.data.preprocess import PreprocessOptions, preprocess

@@ -73,7 +73,7 @@ def test_shard_specs_cover_the_plain_state_dict_once(results):
     plain_keys = set(MobiLlama(SHARED).state_dict())
     saved = {}
     for r in results:
-        for name, (full_key, split_dim, full_size, is_replica) in r["specs"].items():
+        for name, (full_key, split_dim, _full_size, is_replica) in r["specs"].items():
             if name.startswith("tied_modules."):
                 assert is_replica == (r["stage"] > 0)  # the shared FFN is saved by stage 0 only
             if not is_replica:

@@ -20,7 +20,14 @@ from parity_jobs import SEED, SEQ_LEN, batch, max_abs_diff, parallel_run, parall
 from megamobi.config_io import ConfigError
 from megamobi.model import MobiLlama
 from megamobi.parallel.tensor_plan import validate_layout
-from megamobi.training.run_config import BatchConfig, DataConfig, OptimizerConfig, ParallelConfig, RunConfig, TrainConfig
+from megamobi.training.run_config import (
+    BatchConfig,
+    DataConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    RunConfig,
+    TrainConfig,
+)
 
 CONFIG = tiny_config(num_layers=4)  # vocab 1001: padded under T=2
 SP = {"sequence_parallel": True}

@@ -7,10 +7,9 @@ import pytest
 import torch
 from multiproc import run_ranks
 from safetensors import safe_open
+from training_runs import make_run, train_losses
 
 from megamobi.training.loop import Trainer
-
-from training_runs import make_run, train_losses
 
 KW = dict(train={"steps": 4, "seed": 11, "log_interval": 1}, checkpoint={"interval_tokens": 2 * 8 * 32})
 

@@ -2,11 +2,10 @@
 
 import torch
 from multiproc import run_ranks
+from training_runs import make_run, train_losses
 
 from megamobi.checkpointing.model_files import read_full_model
 from megamobi.training.loop import Trainer
-
-from training_runs import make_run, train_losses
 
 
 def _train(rank, runs):

@@ -7,13 +7,12 @@ import sys
 import numpy as np
 import torch
 from multiproc import run_ranks
+from training_runs import make_run
 
 from megamobi.data import ShardedDataset
 from megamobi.generate import load_model
 from megamobi.model import language_model_loss
 from megamobi.training.loop import Trainer
-
-from training_runs import make_run
 
 
 def test_evaluate_matches_the_training_loss(tmp_path, token_shards, repo_root):

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import torch
 from multiproc import run_ranks, start_ranks
+from training_runs import make_run, read_metrics, train_losses
 
 from megamobi.checkpointing.model_files import read_full_tensors
 from megamobi.training.loop import Trainer
-
-from training_runs import make_run, read_metrics, train_losses
 
 STEPS = 12
 

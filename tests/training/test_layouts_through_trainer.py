@@ -4,12 +4,11 @@ to the same plain-model weights."""
 
 import torch
 from multiproc import run_ranks
+from training_runs import make_run, train_losses
 
 from megamobi.checkpointing.manifest import read_manifest
 from megamobi.checkpointing.model_files import read_full_model
 from megamobi.training.loop import Trainer
-
-from training_runs import make_run, train_losses
 
 # See tests/parallel/parity_jobs.py: with eps=1e-8, elements whose gradient is ~0 move by rounding noise.
 OPTIMIZER = {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2, "clip_grad": 1.0, "eps": 1e-5}

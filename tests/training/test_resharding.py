@@ -5,11 +5,10 @@ import shutil
 
 import torch
 from multiproc import run_ranks
+from training_runs import make_run, read_metrics, train_losses
 
 from megamobi.checkpointing.model_files import read_full_model, read_full_tensors
 from megamobi.training.loop import Trainer
-
-from training_runs import make_run, read_metrics, train_losses
 
 OPTIMIZER = {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2, "clip_grad": 1.0, "eps": 1e-5}
 CASES = [((2, 2, 1), (1, 1, 2)), ((1, 2, 2), (2, 1, 1))]  # (tensor, pipeline, data) before -> after
@@ -30,7 +29,7 @@ def test_resume_under_another_layout(tmp_path, token_shards):
     run_ranks(_train_all, world_size=4, args=(originals,))
 
     resumed = []
-    for i, (_, (t, p, d)) in enumerate(CASES):
+    for i, (_, (t, p, _d)) in enumerate(CASES):
         copy = tmp_path / f"after{i}"
         shutil.copytree(tmp_path / f"before{i}", copy)
         shutil.rmtree(copy / "checkpoints" / "step_0000008")  # resume from step 4

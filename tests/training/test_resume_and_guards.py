@@ -11,16 +11,15 @@ import pytest
 import torch
 from multiproc import run_ranks
 from run_yaml import write_run_yaml
+from training_runs import make_run, read_metrics
 
 from megamobi.checkpointing.manifest import read_manifest
-from megamobi.config_io import ConfigError
 from megamobi.checkpointing.model_files import read_full_model
+from megamobi.config_io import ConfigError
 from megamobi.training.checkpoint import find_resume_checkpoint
 from megamobi.training.ds_config import build_ds_config
 from megamobi.training.loop import NonFiniteLossError, Trainer, checkpoint_due
 from megamobi.training.schedule import learning_rate
-
-from training_runs import make_run, read_metrics
 
 STABLE = ("tokens_per_s", "tokens_per_s_per_device", "step_time_s", "memory_gb")
 
