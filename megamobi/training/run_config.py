@@ -124,8 +124,10 @@ class RunConfig:
     def accumulation_steps(self, world_size: int) -> int:
         return self.batch.global_batch_size // (self.batch.micro_batch_size * self.data_parallel_size(world_size))
 
-    def validate(self, *, world_size: int | None = None) -> None:
-        """Raise ConfigError for settings that cannot work; `world_size` adds the layout checks."""
+    def validate(self, *, world_size: int | None = None, check_data: bool = True) -> None:
+        """Raise ConfigError for settings that cannot work; `world_size` adds the layout checks.
+        check_data=False skips only the data.paths-on-disk check (the planner, megamobi.plan, runs
+        where the data is not: a login node, a laptop)."""
         model = self.model_config
         b, o, t = self.batch, self.optimizer, self.train
         if b.micro_batch_size <= 0 or b.global_batch_size <= 0:
@@ -148,7 +150,7 @@ class RunConfig:
             raise ConfigError(f"data.val_fraction {self.data.val_fraction} must be within [0, 1)")
         if not self.data.paths:
             raise ConfigError("data.paths is empty: give the directories written by data_tools/preprocess_amber.py")
-        for path in self.data.paths:
+        for path in self.data.paths if check_data else ():
             if not (Path(path) / "manifest.json").is_file():
                 raise ConfigError(f"data.paths: {path} has no manifest.json; build it with data_tools/preprocess_amber.py")
         if self.parallel.zero_stage not in (0, 1, 2, 3):
@@ -174,9 +176,12 @@ class RunConfig:
                     f"batch.global_batch_size {b.global_batch_size} is not divisible by micro_batch_size x data-parallel size "
                     f"= {b.micro_batch_size} x {d}; pick a global batch that is a multiple of {b.micro_batch_size * d}"
                 )
+        from megamobi.training.config_checks import validate_run_details
+
+        validate_run_details(self, world_size=world_size)  # keep_last, partition method, betas, deepspeed keys, ...
 
 
-def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+def load_run_config(path: str | Path, overrides: list[str] = (), *, check_data: bool = True) -> RunConfig:
     """Read RUN.yaml, apply `key.sub=value` overrides, resolve the model reference, validate."""
     path = Path(path)
     data = apply_overrides(read_yaml(path), list(overrides), where=f"{path} (command-line overrides)")
@@ -188,7 +193,7 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         data["model"] = dataclasses.asdict(load_model_config(resolved))
     config = from_dict(RunConfig, data, where=str(path))
     try:
-        config.validate()
+        config.validate(check_data=check_data)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     return config
