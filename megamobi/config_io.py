@@ -75,7 +75,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], *, where: str) -
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{where}: override {item!r}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            problem = str(err).splitlines()[0]
+            raise ConfigError(f"{where}: override {item!r}: the value is not valid YAML ({problem}); quote strings "
+                              "and write lists as [a, b] and mappings as {k: v}") from None
     return data
 
 
@@ -93,7 +98,13 @@ def _coerce(tp: Any, value: Any, *, where: str) -> Any:
                 return _coerce(arg, value, where=where)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
+        if len(errors) == 1:
+            raise ConfigError(errors[0])
+        # A mapping given where a name-or-mapping is allowed (model: {...}): the mapping's own error
+        # names the offending key; "matches none of" would not.
+        shaped = [err for arg, err in zip((a for a in args if a is not type(None)), errors)
+                  if isinstance(value, dict) and dataclasses.is_dataclass(arg)]
+        raise ConfigError(shaped[0] if len(shaped) == 1 else f"{where}: {value!r} matches none of {tp}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
@@ -101,6 +112,11 @@ def _coerce(tp: Any, value: Any, *, where: str) -> Any:
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            # A fixed-length tuple such as betas: (float, float).
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected a list of {len(args)} values, got {len(value)}: {list(value)!r}")
+            return tuple(_coerce(t, v, where=f"{where}[{i}]") for i, (t, v) in enumerate(zip(args, value)))
         item_type = args[0] if args else Any
         return origin(_coerce(item_type, v, where=f"{where}[{i}]") for i, v in enumerate(value))
     if origin is dict:

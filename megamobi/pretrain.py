@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         run.validate(world_size=world_size)
         # Open the shards now (headers only): a damaged shard or an unknown source weight fails here.
         data = RunData(run)
+        from megamobi.training.preflight import check_start_checkpoints, check_validation_data
+
+        check_start_checkpoints(run)  # run_dir's model and position, checkpoint.init_from
+        check_validation_data(run, data)
     except (ConfigError, DataError) as err:
         print(f"megamobi: error: {err}", file=sys.stderr)
         return 2

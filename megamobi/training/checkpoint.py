@@ -106,7 +106,8 @@ def broadcast_path(path: Path | None) -> Path | None:
 
 
 def save_checkpoint(*, run_dir: Path, engine, state: TrainerState, model_config: ModelConfig,
-                    write_portable_state, manifest_info: dict[str, Any], keep_last: int | None) -> Path:
+                    write_portable_state, manifest_info: dict[str, Any], keep_last: int | None,
+                    protect: tuple[Path | None, ...] = ()) -> Path:
     """Collective: every rank calls it. `write_portable_state(dir)` writes the layout-independent files."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     name = checkpoint_name(state.step)
@@ -129,11 +130,27 @@ def save_checkpoint(*, run_dir: Path, engine, state: TrainerState, model_config:
         tmp = root / "latest.tmp"
         tmp.write_text(name + "\n")
         tmp.replace(root / "latest")
-        if keep_last:
-            for old in complete_checkpoints(run_dir)[:-keep_last]:
-                shutil.rmtree(old)
+        prune_checkpoints(run_dir, keep_last=keep_last, protect=(final, *protect))
     _barrier()
     return final
+
+
+def prune_checkpoints(run_dir: Path, *, keep_last: int | None, protect: tuple[Path | None, ...]) -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints, never one in `protect` (the one just saved,
+    which `latest` names, and the one this run resumed from): a newer but broken checkpoint left by an
+    earlier attempt must not push them out. keep_last None keeps everything."""
+    if keep_last is None:
+        return []
+    if keep_last < 1:  # refused by the run config's validation; never "delete everything"
+        raise ValueError(f"keep_last must be at least 1, got {keep_last}")
+    keep = {Path(p).resolve() for p in protect if p is not None}
+    latest = checkpoints_dir(run_dir) / "latest"
+    if latest.is_file():
+        keep.add((checkpoints_dir(run_dir) / latest.read_text().strip()).resolve())
+    removed = [old for old in complete_checkpoints(run_dir)[:-keep_last] if old.resolve() not in keep]
+    for old in removed:
+        shutil.rmtree(old)
+    return removed
 
 
 def load_checkpoint(checkpoint: Path, *, engine) -> TrainerState:

@@ -14,7 +14,8 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_ds_config(run: RunConfig, *, world_size: int) -> dict[str, Any]:
+def build_ds_config(run: RunConfig, *, world_size: int, passthrough: bool = True) -> dict[str, Any]:
+    """passthrough=False: without the run's `deepspeed:` keys (to compare them with what is generated)."""
     b = run.batch
     config: dict[str, Any] = {
         "train_batch_size": b.global_batch_size,
@@ -36,4 +37,4 @@ def build_ds_config(run: RunConfig, *, world_size: int) -> dict[str, Any]:
             # bf16 rounding, and in pipelines the shared FFN's replica gradients are all-reduced over
             # the tie group in fp32, not bf16.
             config["data_types"] = {"grad_accum_dtype": "fp32"}
-    return _merge(config, run.deepspeed)
+    return _merge(config, run.deepspeed) if passthrough else config

@@ -42,6 +42,7 @@ from megamobi.training.ds_config import build_ds_config
 from megamobi.training.metrics import MetricsLogger, memory_gb
 from megamobi.training.optimizer import build_optimizer
 from megamobi.training.portable_state import adam_step, load_portable_optimizer_state, write_portable_state
+from megamobi.training.preflight import check_trainer_start
 from megamobi.training.run_config import RunConfig
 from megamobi.training.schedule import learning_rate
 from megamobi.version import code_version
@@ -84,6 +85,8 @@ class Trainer:
         self.preempted = PreemptionFlag()
 
         resume_from = self._find_resume_checkpoint()
+        check_trainer_start(run, resume_from=resume_from)  # the checkpoint holds this model; the batch fits
+        self.resumed_from = resume_from  # never pruned by checkpoint.keep_last
         saved_layout = read_manifest(resume_from).get("layout") if resume_from else None
         # Same layout: DeepSpeed restores its own files exactly. Any other layout (or a weights-only
         # checkpoint such as `convert from-hf` writes) goes through the plain-model files.
@@ -322,7 +325,7 @@ class Trainer:
             run_dir=self.run_dir, engine=self.engine, state=self.state, model_config=self.model_config,
             write_portable_state=lambda directory: write_portable_state(
                 engine=self.engine, groups=self.groups, optimizer=self.optimizer, checkpoint_dir=directory),
-            keep_last=self.run.checkpoint.keep_last,
+            keep_last=self.run.checkpoint.keep_last, protect=(self.resumed_from,),
             manifest_info={
                 "step": self.state.step, "consumed_samples": self.state.consumed_samples,
                 "consumed_tokens": self.state.consumed_tokens, "loss": self.state.loss,

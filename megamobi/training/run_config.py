@@ -93,7 +93,7 @@ class LoggingConfig:
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     run_dir: str
-    model: str | ModelConfig  # a name in configs/, a path, or an inline mapping
+    model: str | ModelConfig  # a name in configs/, a path, an inline mapping, or from_checkpoint
     data: DataConfig
     batch: BatchConfig
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -185,7 +185,11 @@ def load_run_config(path: str | Path, overrides: list[str] = (), *, check_data: 
     """Read RUN.yaml, apply `key.sub=value` overrides, resolve the model reference, validate."""
     path = Path(path)
     data = apply_overrides(read_yaml(path), list(overrides), where=f"{path} (command-line overrides)")
-    if isinstance(data.get("model"), str):
+    if data.get("model") == "from_checkpoint":
+        from megamobi.training.preflight import model_from_checkpoint
+
+        data["model"] = model_from_checkpoint(data, where=str(path))  # the model the run starts from
+    elif isinstance(data.get("model"), str):
         # A model reference is resolved relative to the repo's configs/ or as a path; fail here, not later.
         resolved = resolve_model_config_path(data["model"])
         if not resolved.is_file():
