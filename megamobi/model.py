@@ -25,11 +25,8 @@ from torch.utils.checkpoint import checkpoint
 
 from megamobi.model_config import ModelConfig, load_model_config
 
-# Optional GPU extras, used when importable and the tensors are on CUDA; plain PyTorch otherwise.
-try:
-    from flash_attn import flash_attn_func
-except ImportError:
-    flash_attn_func = None
+# Optional GPU extra, used when importable and the tensors are on CUDA; plain PyTorch otherwise.
+# Other kernels (flash-attn, liger-kernel, compile) are chosen outside this file: megamobi/kernels.
 try:  # NVIDIA apex (not the unrelated PyPI package named "apex", which has no `normalization`)
     from apex.normalization.fused_layer_norm import fused_rms_norm_affine
 except ImportError:
@@ -66,12 +63,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+def rotate_query_key(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q: [b, heads, t, d]; k, v: [b, kv_heads, t, d] -> [b, heads, t, d]."""
-    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        # flash-attn wants [b, t, heads, d] and handles grouped KV heads itself.
-        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
-        return out.transpose(1, 2)
+    """q: [b, heads, t, d]; k, v: [b, kv_heads, t, d] -> [b, heads, t, d]. PyTorch's SDPA, which
+    picks its own flash / memory-efficient / cuDNN kernel on a GPU."""
     if k.shape[1] != q.shape[1]:
         repeat = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(repeat, dim=1)
@@ -92,14 +91,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, kv_dim, bias=False)
         self.v_proj = nn.Linear(d, kv_dim, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
+        # Plain functions, swappable by megamobi.kernels (flash-attn, liger's rotary) without a
+        # new class or new state_dict keys.
+        self.rotate = rotate_query_key
+        self.attend = causal_attention
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = causal_attention(q, k, v)
+        q, k = self.rotate(q, k, cos, sin)
+        out = self.attend(q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
@@ -128,8 +131,12 @@ class DecoderLayer(nn.Module):
     def attention_block(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return x + self.self_attn(self.input_layernorm(x), cos, sin)
 
-    def forward(self, x: torch.Tensor, *, mlp: MLP, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = self.attention_block(x, cos, sin)
+    def forward(self, x: torch.Tensor, *, mlp: MLP, cos: torch.Tensor, sin: torch.Tensor,
+                checkpoint_attention: bool = False) -> torch.Tensor:
+        if checkpoint_attention:  # selective activation checkpointing: recompute the attention block only
+            h = checkpoint(self.attention_block, x, cos, sin, use_reentrant=False)
+        else:
+            h = self.attention_block(x, cos, sin)
         return h + mlp(self.post_attention_layernorm(h))
 
 
@@ -166,12 +173,14 @@ class MobiLlama(nn.Module):
             raise ValueError(f"sequence length {seq_len} exceeds max_seq_len {self.config.max_seq_len}")
         cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
         x = self.embed_tokens(input_ids)
+        # "full": recompute whole layers in backward; "selective": only their attention blocks.
+        mode = self.config.activation_checkpointing if self.training else "none"
         for i, layer in enumerate(self.layers):
             mlp = self.mlp_for_layer(i)
-            if self.config.activation_checkpointing and self.training:
+            if mode == "full":
                 x = checkpoint(layer, x, mlp=mlp, cos=cos, sin=sin, use_reentrant=False)
             else:
-                x = layer(x, mlp=mlp, cos=cos, sin=sin)
+                x = layer(x, mlp=mlp, cos=cos, sin=sin, checkpoint_attention=mode == "selective")
         return self.lm_head(self.norm(x))
 
 
@@ -231,12 +240,19 @@ def model_summary(config: ModelConfig, *, seq_len: int | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megamobi.cli_support import fail, positive_int
+    from megamobi.config_io import ConfigError
+
     parser = argparse.ArgumentParser(prog="python -m megamobi.model", description="Inspect a MobiLlama model config.")
     parser.add_argument("--config", required=True, help="configs/<name>.yaml, or just a name such as mobillama-0.5b")
-    parser.add_argument("--seq-len", type=int, default=None, help="sequence length for the FLOP count (default: max_seq_len)")
+    parser.add_argument("--seq-len", type=positive_int, default=None,
+                        help="sequence length for the FLOP count (default: max_seq_len)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     args = parser.parse_args(argv)
-    summary = model_summary(load_model_config(args.config), seq_len=args.seq_len)
+    try:
+        summary = model_summary(load_model_config(args.config), seq_len=args.seq_len)
+    except ConfigError as err:
+        return fail(err)
     if args.json:
         print(json.dumps(summary))
         return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from megamobi.config_io import ConfigError, from_dict, read_yaml
 
@@ -28,7 +28,10 @@ class ModelConfig:
     # The released configs say 1e-5; the paper's text says 1e-6. We default to the released value.
     rms_norm_eps: float = 1e-5
     init_std: float = 0.02
-    activation_checkpointing: bool = False
+    # "none", "full" (recompute every decoder layer in backward) or "selective" (recompute only the
+    # attention blocks). true / false are still accepted and mean "full" / "none". Typed Any so that
+    # __post_init__ (checkpointing_mode) gives the one clear message for every bad value.
+    activation_checkpointing: Any = "none"
 
     def __post_init__(self) -> None:
         for field in ("hidden_size", "num_layers", "num_attention_heads", "intermediate_size", "vocab_size", "max_seq_len"):
@@ -48,6 +51,8 @@ class ModelConfig:
             )
         if self.rope_theta <= 0 or self.rms_norm_eps <= 0 or self.init_std <= 0:
             raise ConfigError("rope_theta, rms_norm_eps and init_std must be positive")
+        # Frozen dataclass: normalise the back-compatible booleans in place.
+        object.__setattr__(self, "activation_checkpointing", checkpointing_mode(self.activation_checkpointing))
 
     @property
     def head_dim(self) -> int:
@@ -60,6 +65,20 @@ class ModelConfig:
     @property
     def num_mlps(self) -> int:
         return 1 if self.ffn_sharing == "shared" else self.num_layers
+
+
+CHECKPOINTING_MODES = ("none", "full", "selective")
+
+
+def checkpointing_mode(value: bool | str | None) -> str:
+    """true/false (the old spelling) -> "full"/"none"; a mode name is returned as is."""
+    if value is None or value is False:
+        return "none"
+    if value is True:
+        return "full"
+    if value not in CHECKPOINTING_MODES:
+        raise ConfigError(f"activation_checkpointing must be one of none, full, selective (or true / false), got {value!r}")
+    return value
 
 
 def resolve_model_config_path(name_or_path: str | Path) -> Path:

@@ -204,7 +204,7 @@ def import_hf(
             rope_theta=_rope_theta(cfg),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
             init_std=float(cfg.get("initializer_range", 0.02)),
-            activation_checkpointing=bool(hint.get("activation_checkpointing", False)),
+            activation_checkpointing=hint.get("activation_checkpointing", "none"),  # bool in older exports
         )
     except ConfigError as err:
         raise ConversionError(f"{model_dir}/config.json: cannot build a megamobi model config: {err}") from err

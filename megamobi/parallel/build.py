@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from megamobi.model import MobiLlama
-from megamobi.model_config import ModelConfig
+from megamobi.model_config import ModelConfig, checkpointing_mode
 from megamobi.parallel.groups import ParallelGroups
 from megamobi.parallel.pipeline import PIPELINE_DS_CONFIG, build_pipeline_module
 from megamobi.parallel.tensor_plan import LossFn, apply_tensor_parallel, tensor_parallel_loss
@@ -33,21 +33,26 @@ class ParallelModel:
 
 
 def build_parallel_model(model_config: ModelConfig, groups: ParallelGroups, *, seed: int,
-                         partition_method: str = "parameters", activation_checkpointing: bool = False,
+                         partition_method: str = "parameters", activation_checkpointing: bool | str = "none",
                          sequence_parallel: bool = False) -> ParallelModel:
     """Initialised exactly like `torch.manual_seed(seed); MobiLlama(model_config)` whatever the layout.
 
     sequence_parallel: Megatron-style sequence parallelism on top of tensor parallelism (needs
-    T >= 2 and a sequence length divisible by T); see `apply_tensor_parallel`."""
+    T >= 2 and a sequence length divisible by T); see `apply_tensor_parallel`.
+    activation_checkpointing: "none", "full" or "selective" (true / false: full / none); overrides
+    the model config's own setting when not "none"."""
+    mode = checkpointing_mode(activation_checkpointing)
+    if mode == "none":
+        mode = model_config.activation_checkpointing
     loss_fn = tensor_parallel_loss(groups, model_config.vocab_size)
     if groups.layout.pipeline > 1:
         module = build_pipeline_module(model_config, groups, seed=seed, partition_method=partition_method,
-                                       activation_checkpointing=activation_checkpointing,
+                                       activation_checkpointing=mode,
                                        sequence_parallel=sequence_parallel)
         return ParallelModel(module=module, loss_fn=loss_fn, is_pipeline=True,
                              ds_config_overrides=dict(PIPELINE_DS_CONFIG))
     torch.manual_seed(seed)
-    if activation_checkpointing and not model_config.activation_checkpointing:
-        model_config = dataclasses.replace(model_config, activation_checkpointing=True)
+    if mode != model_config.activation_checkpointing:
+        model_config = dataclasses.replace(model_config, activation_checkpointing=mode)
     model = apply_tensor_parallel(MobiLlama(model_config), groups, sequence_parallel=sequence_parallel)
     return ParallelModel(module=model, loss_fn=loss_fn, is_pipeline=False)

@@ -27,7 +27,7 @@ from torch import nn
 
 from megamobi.config_io import ConfigError
 from megamobi.model import MobiLlama
-from megamobi.model_config import ModelConfig
+from megamobi.model_config import ModelConfig, checkpointing_mode
 from megamobi.parallel.groups import Layout, ParallelGroups
 from megamobi.parallel.pipeline_stages import AttentionBlockPipe, EmbeddingPipe, HeadPipe, MLPBlockPipe
 from megamobi.parallel.tensor_plan import apply_tensor_parallel, tensor_parallel_loss, validate_layout
@@ -74,7 +74,7 @@ def pipeline_layers(model: MobiLlama, *, sequence_parallel_size: int = 1) -> lis
 
 
 def build_pipeline_module(model_config: ModelConfig, groups: ParallelGroups, *, seed: int,
-                          partition_method: str = "parameters", activation_checkpointing: bool = False,
+                          partition_method: str = "parameters", activation_checkpointing: bool | str = "none",
                           sequence_parallel: bool = False):
     """A deepspeed PipelineModule for this rank's stage, initialised exactly as
     `torch.manual_seed(seed); MobiLlama(model_config)` (then tensor-parallel sharded).
@@ -83,11 +83,13 @@ def build_pipeline_module(model_config: ModelConfig, groups: ParallelGroups, *, 
     counts) or `type:<regex>` (balance pieces whose class matches, e.g. `type:AttentionBlockPipe`
     for the same number of decoder layers per stage). Loss: `tensor_parallel_loss` on the last stage.
     sequence_parallel: see `apply_tensor_parallel`; stage boundaries then carry sequence chunks.
+    activation_checkpointing: "full" recomputes every piece, "selective" only the attention pieces.
     """
     import deepspeed
     from deepspeed.pipe import PipelineModule
 
     layout = groups.layout
+    mode = checkpointing_mode(activation_checkpointing)
     validate_layout(model_config, tensor=layout.tensor, pipeline=layout.pipeline,
                     world_size=layout.world_size, zero_stage=1, sequence_parallel=sequence_parallel)
     torch.manual_seed(seed)
@@ -98,7 +100,9 @@ def build_pipeline_module(model_config: ModelConfig, groups: ParallelGroups, *, 
         topology=deepspeed_topology(layout),
         loss_fn=tensor_parallel_loss(groups, model_config.vocab_size),
         partition_method=partition_method,
-        activation_checkpoint_interval=1 if activation_checkpointing else 0,
+        activation_checkpoint_interval=0 if mode == "none" else 1,
+        # Selective: DeepSpeed checkpoints only the pieces of these classes (one piece per interval).
+        checkpointable_layers=["AttentionBlockPipe"] if mode == "selective" else None,
         # The default (reentrant) checkpoint fails on stage 0, whose input ids need no grad.
         activation_checkpoint_func=deepspeed.checkpointing.non_reentrant_checkpoint,
     )

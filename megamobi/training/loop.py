@@ -23,6 +23,7 @@ from megamobi.checkpointing.manifest import read_manifest
 from megamobi.checkpointing.model_files import read_full_model
 from megamobi.checkpointing.safe_deepspeed import use_safe_loading
 from megamobi.config_io import ConfigError
+from megamobi.kernels.plan import apply_run_kernels
 from megamobi.model import flops_per_token
 from megamobi.parallel.build import build_parallel_model
 from megamobi.parallel.groups import Layout, ParallelGroups
@@ -101,6 +102,7 @@ class Trainer:
                                      activation_checkpointing=self.model_config.activation_checkpointing)
         if init_from is not None:
             load_full_state_dict(built.module, self.groups, full_state_dict=read_full_model(init_from))
+        self.kernels = apply_run_kernels(built, run)  # flash-attn / liger / chunked loss / compile; logged in train()
         self.is_pipeline = built.is_pipeline
         self._zero_loss = False
         self.loss_fn = self._guarded_loss(built.loss_fn)
@@ -224,6 +226,7 @@ class Trainer:
         self.logger.info(f"{self.model_config.name}: layout T={self.layout.tensor} P={self.layout.pipeline} "
                          f"D={self.layout.data}, ZeRO-{run.parallel.zero_stage}, {run.precision}, "
                          f"{self.total_steps} steps of {gb} x {seq_len} tokens, code {code_version()}")
+        self.logger.info(self.kernels.describe())
         bad_in_a_row, window_start, window_steps = 0, time.perf_counter(), 0
         while state.step < self.total_steps:
             lr = learning_rate(state.step, lr=run.optimizer.lr, min_lr=run.optimizer.min_lr,

@@ -48,6 +48,11 @@ class FiniteStepAdamW(torch.optim.AdamW):
 
 
 def build_optimizer(model: nn.Module, config: OptimizerConfig) -> FiniteStepAdamW:
-    # foreach=False: the same arithmetic on every layout, so parallel runs match the single process.
-    return FiniteStepAdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas,
-                           eps=config.eps, weight_decay=config.weight_decay, foreach=False)
+    """On CPU: foreach=False, the same arithmetic on every layout, so parallel runs match the single
+    process. With every parameter on CUDA: torch's fused AdamW (one kernel for all tensors; the same
+    update rule), which also drives the fp32 master partitions DeepSpeed's ZeRO puts in its place."""
+    groups = parameter_groups(model, config.weight_decay)
+    on_cuda = all(p.is_cuda for group in groups for p in group["params"])
+    kernel = {"fused": True} if on_cuda and groups[0]["params"] else {"foreach": False}
+    return FiniteStepAdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps,
+                           weight_decay=config.weight_decay, **kernel)

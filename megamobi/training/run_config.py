@@ -59,6 +59,11 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     # Test hook: make the loss NaN at these steps, to exercise the non-finite-step guard.
     inject_nan_at_steps: list[int] = dataclasses.field(default_factory=list)
+    # Kernels (megamobi/kernels, docs/performance.md): auto = flash-attn / liger-kernel / chunked
+    # cross entropy where each applies; plain = the model exactly as megamobi/model.py writes it.
+    kernels: str = "auto"
+    compile: bool = False  # torch.compile each decoder layer (T = 1, P = 1, ZeRO 0-2)
+    compile_backend: str = "inductor"  # or aot_eager (no C compiler needed; what the CPU tests use)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +170,11 @@ class RunConfig:
                               "for the weights, the optimizer state sharded)")
         if t.log_interval <= 0 or t.max_bad_steps <= 0:
             raise ConfigError("train.log_interval and train.max_bad_steps must be positive")
+        from megamobi.kernels.plan import validate_kernel_options
+
+        validate_kernel_options(kernels=t.kernels, compile=t.compile, compile_backend=t.compile_backend,
+                                tensor=self.parallel.tensor, pipeline=self.parallel.pipeline,
+                                zero_stage=self.parallel.zero_stage)
         if world_size is not None:
             from megamobi.parallel.tensor_plan import validate_layout
 

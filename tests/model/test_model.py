@@ -10,6 +10,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from megamobi import model as model_module
+from megamobi.config_io import ConfigError
+from megamobi.kernels import attention as attention_kernels
+from megamobi.kernels.attention import apply_attention_kernel, attention_kernel
 from megamobi.model import MobiLlama, language_model_loss, parameter_counts
 from megamobi.model_config import ModelConfig, load_model_config
 
@@ -107,6 +110,49 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7, msg=name)
 
 
+def test_checkpointing_modes_and_the_old_booleans():
+    assert dataclasses.replace(TINY, activation_checkpointing=True).activation_checkpointing == "full"
+    assert dataclasses.replace(TINY, activation_checkpointing=False).activation_checkpointing == "none"
+    for bad in ("partial", 1, "Full"):
+        with pytest.raises(ConfigError, match="activation_checkpointing must be one of none, full, selective"):
+            dataclasses.replace(TINY, activation_checkpointing=bad)
+
+
+def test_selective_checkpointing_gives_the_same_gradients():
+    """Selective (attention blocks recomputed) and full checkpointing: the plain model's loss and gradients."""
+    plain = build(TINY)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 9))
+    losses, grads = [], []
+    for mode in ("none", "selective", "full"):
+        model = MobiLlama(dataclasses.replace(TINY, activation_checkpointing=mode))
+        model.load_state_dict(plain.state_dict())
+        loss = language_model_loss(model(tokens), tokens)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    for other in (1, 2):
+        torch.testing.assert_close(losses[other], losses[0], rtol=0, atol=0)
+        for name, grad in grads[0].items():
+            torch.testing.assert_close(grads[other][name], grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_selective_checkpointing_keeps_less_than_none_and_more_than_full():
+    tokens = torch.randint(0, TINY.vocab_size, (2, 32))
+    saved = {}
+    for mode in ("none", "selective", "full"):
+        model = MobiLlama(dataclasses.replace(TINY, activation_checkpointing=mode))
+        total = [0]
+
+        def pack(t, total=total):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            language_model_loss(model(tokens), tokens)
+        saved[mode] = total[0]
+    assert saved["none"] > saved["selective"] > saved["full"], saved
+
+
 def test_gpu_extras_fall_back_to_plain_pytorch(monkeypatch):
     """flash-attn and NVIDIA apex are never installed on CPU CI (the import falls back to None), and even
     when importable they are only used for CUDA tensors: CPU runs use SDPA and the plain RMSNorm."""
@@ -114,7 +160,8 @@ def test_gpu_extras_fall_back_to_plain_pytorch(monkeypatch):
     tokens = torch.randint(0, TINY.vocab_size, (1, 12))
     with torch.no_grad():
         reference = model(tokens)
-        monkeypatch.setattr(model_module, "flash_attn_func", lambda *a, **k: pytest.fail("flash-attn used on CPU"))
+        monkeypatch.setattr(attention_kernels, "flash_attn_func", lambda *a, **k: pytest.fail("flash-attn used on CPU"))
+        apply_attention_kernel(model, "flash-attn")  # what train.kernels: auto would pick if flash-attn were installed
         monkeypatch.setattr(model_module, "fused_rms_norm_affine", lambda *a, **k: pytest.fail("apex used on CPU"))
         torch.testing.assert_close(model(tokens), reference)
 
@@ -123,7 +170,8 @@ def test_gpu_extras_are_absent_here():
     try:
         import flash_attn  # noqa: F401
     except ImportError:
-        assert model_module.flash_attn_func is None
+        assert attention_kernels.flash_attn_func is None
+        assert attention_kernel(on_cuda=True) == "sdpa"
     try:
         from apex.normalization import fused_layer_norm  # noqa: F401
     except ImportError:

@@ -60,6 +60,10 @@ def _shards_job(rank: int) -> dict:
     dist.barrier()
 
     out["checkpointed"] = parallel_run(rank, SHARED, (2, 2, 1), "parameters", steps=2, activation_checkpointing=True)
+    # Selective: DeepSpeed recomputes only the attention pieces (checkpointable_layers).
+    selective = build_parallel_model(SHARED, groups, seed=SEED, activation_checkpointing="selective").module
+    out["selective_layers"] = (selective.activation_checkpoint_interval, selective.checkpointable_layers)
+    out["selective"] = parallel_run(rank, SHARED, (2, 2, 1), "parameters", steps=2, activation_checkpointing="selective")
     out["per_layer_run"] = parallel_run(rank, PER_LAYER, (2, 2, 1), "uniform", steps=2)
     return out
 
@@ -103,14 +107,16 @@ def test_per_layer_ffn_pipeline_has_no_tie_and_plain_init(results):
     assert results[0]["per_layer_init_diff"] == 0.0 and results[0]["per_layer_keys"]
 
 
-def test_activation_checkpointing_in_the_pipeline_matches(results):
+@pytest.mark.parametrize("mode", ["checkpointed", "selective"])
+def test_activation_checkpointing_in_the_pipeline_matches(results, mode):
     reference = reference_run(SHARED, steps=2)
+    assert all(r["selective_layers"] == (1, ["AttentionBlockPipe"]) for r in results)
     for r in results:
-        run = r["checkpointed"]
+        run = r[mode]
         np.testing.assert_allclose(run["losses"], reference["losses"], rtol=1e-5)
         np.testing.assert_allclose(run["norms"], reference["norms"], rtol=1e-4)
         assert run["replicas_ok"] == [True, True]
-    assert max_abs_diff(results[0]["checkpointed"]["final"], reference["final"]) < 1e-4
+    assert max_abs_diff(results[0][mode]["final"], reference["final"]) < 1e-4
 
 
 def test_per_layer_ffn_pipeline_trains_like_the_plain_model(results):
