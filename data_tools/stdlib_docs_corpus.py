@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, type=Path)
     parser.add_argument("--stdlib", type=Path, default=Path(sysconfig.get_paths()["stdlib"]))
     args = parser.parse_args(argv)
+    if not args.stdlib.is_dir():
+        print(f"error: --stdlib {args.stdlib}: not a directory", file=sys.stderr)
+        return 2
+    if args.output.is_dir():
+        print(f"error: --output {args.output}: is a directory; give a .jsonl file name", file=sys.stderr)
+        return 2
     files = sorted(p for p in args.stdlib.rglob("*.py")
                    if not ({"site-packages", "test", "tests", "idlelib", "lib2to3"} & set(p.relative_to(args.stdlib).parts)))
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -47,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
             out.write(json.dumps({"text": text, "meta": {"source": "stdlib-docs", "module": module}}) + "\n")
             documents += 1
             words += len(text.split())
+    if not documents:
+        tmp.unlink()
+        print(f"error: --stdlib {args.stdlib}: no Python files with docstrings found there (nothing written); "
+              "give the standard library's directory (the default)", file=sys.stderr)
+        return 2
     tmp.replace(args.output)
     print(f"wrote {documents} documents, {words:,} words to {args.output}", file=sys.stderr)
     return 0

@@ -24,12 +24,18 @@ class ConfigError(ValueError):
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory; give a YAML config file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
         data = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file; give a YAML config file") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(err, 'problem', None) or str(err).splitlines()[0]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -78,7 +84,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], *, where: str) -
         try:
             node[leaf] = yaml.safe_load(raw)
         except yaml.YAMLError as err:
-            problem = str(err).splitlines()[0]
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
             raise ConfigError(f"{where}: override {item!r}: the value is not valid YAML ({problem}); quote strings "
                               "and write lists as [a, b] and mappings as {k: v}") from None
     return data

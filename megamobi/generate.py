@@ -13,10 +13,22 @@ import torch
 
 from megamobi.checkpointing.manifest import checkpoint_model_config
 from megamobi.checkpointing.model_files import read_full_model
+from megamobi.cli_support import (
+    UserError,
+    check_tokenizer_fits,
+    checkpoint_arg,
+    fail,
+    load_sentencepiece,
+    non_empty,
+    non_negative_float,
+    positive_int,
+)
 from megamobi.model import MobiLlama
 
 
 def load_model(checkpoint: str) -> MobiLlama:
+    """The plain model of a checkpoint (any layout); UserError when `checkpoint` is not one."""
+    checkpoint_arg(checkpoint)
     model = MobiLlama(checkpoint_model_config(checkpoint))
     model.load_state_dict(read_full_model(checkpoint))
     return model.eval()
@@ -46,21 +58,22 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a checkpoint directory (RUN_DIR/checkpoints/step_*)")
     parser.add_argument("--tokenizer", required=True, help="the SentencePiece .model the data was made with")
-    parser.add_argument("--prompt", default="The")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    parser.add_argument("--top-k", type=int, default=40)
+    parser.add_argument("--prompt", default="The", type=non_empty)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=48)
+    parser.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 for greedy decoding")
+    parser.add_argument("--top-k", type=positive_int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    import sentencepiece
-
-    sp = sentencepiece.SentencePieceProcessor(model_file=args.tokenizer)
-    model = load_model(args.checkpoint)
+    try:
+        sp = load_sentencepiece(args.tokenizer)
+        model = load_model(args.checkpoint)
+        check_tokenizer_fits(sp, vocab_size=model.config.vocab_size, what=f"the model in {args.checkpoint}")
+    except UserError as err:
+        return fail(err)
     new_ids = generate(model, sp.encode(args.prompt), max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k, seed=args.seed, eos_id=sp.eos_id())
     print(args.prompt + ("" if not new_ids else " " * args.prompt.endswith(" ") + sp.decode(new_ids)))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

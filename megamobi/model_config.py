@@ -84,7 +84,7 @@ def checkpointing_mode(value: bool | str | None) -> str:
 def resolve_model_config_path(name_or_path: str | Path) -> Path:
     """`configs/tiny.yaml`, a path anywhere, or just `tiny` (looked up in the repo's configs/)."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml"):
+    if path.suffix in (".yaml", ".yml") or path.is_file():
         return path
     return CONFIG_DIR / f"{name_or_path}.yaml"
 

@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="auto: shared when every layer's MLP copy is bitwise identical")
     from_hf.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                          help="precision of the written weights (default fp32, the training master weights)")
+    from_hf.add_argument("--overwrite", action="store_true", help="replace a megamobi checkpoint already at --output")
 
     to_gguf = sub.add_parser("to-gguf", help="checkpoint -> GGUF file for llama.cpp")
     to_gguf.add_argument("--checkpoint", required=True, help="megamobi checkpoint directory (any TP/PP layout)")
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "from-hf":
             from megamobi.convert.from_hf import import_hf
 
-            config = import_hf(args.model, args.output, name=args.name, ffn_sharing=args.ffn_sharing, dtype=args.dtype)
+            config = import_hf(args.model, args.output, name=args.name, ffn_sharing=args.ffn_sharing, dtype=args.dtype,
+                               overwrite=args.overwrite)
             print(f"wrote megamobi checkpoint to {args.output} ({config.name}: {config.num_layers} layers, "
                   f"{config.ffn_sharing} FFN, {config.kv_heads} KV heads)")
         else:

@@ -9,14 +9,15 @@ while k/v are full multi-head (the KV head count is taken from the k_proj weight
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
 
-from megamobi.checkpointing.manifest import write_manifest
-from megamobi.checkpointing.model_files import write_full_model
+from megamobi.checkpointing.manifest import MANIFEST_NAME, write_manifest
+from megamobi.checkpointing.model_files import MODEL_DIR, write_full_model
 from megamobi.config_io import ConfigError
 from megamobi.convert.errors import ConversionError
 from megamobi.convert.hf_keys import (
@@ -137,6 +138,24 @@ def first_mlp_difference(weights: HFWeights, num_layers: int) -> tuple[int, str]
     return None
 
 
+def _check_output_dir(output_dir: Path, *, overwrite: bool) -> bool:
+    """True when an existing megamobi checkpoint there is to be replaced (--overwrite). Anything else
+    that is in the way (a file, a directory with other contents) is refused, never deleted."""
+    if not output_dir.exists():
+        return False
+    if not output_dir.is_dir():
+        raise ConversionError(f"--output {output_dir}: is a file; give a new directory for the checkpoint")
+    if not any(output_dir.iterdir()):
+        return False
+    if not (output_dir / MANIFEST_NAME).is_file():
+        raise ConversionError(f"--output {output_dir}: is not an empty directory nor a megamobi checkpoint; "
+                              "choose a new directory")
+    if not overwrite:
+        raise ConversionError(f"--output {output_dir}: already holds a checkpoint; choose a new directory or pass "
+                              "--overwrite to replace it")
+    return True
+
+
 def import_hf(
     model_dir: str | Path,
     output_dir: str | Path,
@@ -144,6 +163,7 @@ def import_hf(
     name: str | None = None,
     ffn_sharing: FfnSharing = "auto",
     dtype: str = "fp32",
+    overwrite: bool = False,
 ) -> ModelConfig:
     """Write a megamobi checkpoint (model files + manifest, step 0) from a HF Llama / MobiLlama model.
     `dtype`: what the checkpoint stores; fp32 by default, the master-weight precision of training."""
@@ -154,8 +174,7 @@ def import_hf(
         raise ConversionError(f"--dtype {dtype!r}: choose one of {', '.join(TORCH_DTYPES)}")
     if not model_dir.is_dir():
         raise ConversionError(f"{model_dir}: model directory not found")
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise ConversionError(f"{output_dir}: already exists and is not an empty directory; choose a new one")
+    replace_old = _check_output_dir(output_dir, overwrite=overwrite)
     cfg = _read_hf_config(model_dir)
     weights = HFWeights(model_dir)
     hint = cfg.get("megamobi") if isinstance(cfg.get("megamobi"), dict) else {}
@@ -223,6 +242,10 @@ def import_hf(
         state_dict["lm_head.weight"] = state_dict["embed_tokens.weight"].clone()
     check_megamobi_state_dict(state_dict, config, where=str(model_dir))
 
+    if replace_old:
+        # The manifest first: a replacement cut short is then an incomplete checkpoint, never a valid old one.
+        (output_dir / MANIFEST_NAME).unlink()
+        shutil.rmtree(output_dir / MODEL_DIR, ignore_errors=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_full_model(output_dir, state_dict)
     write_manifest(output_dir, model_config=config, info={

@@ -99,6 +99,9 @@ def export_gguf(
     if dtype not in GGUF_DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: choose one of {', '.join(GGUF_DTYPES)}")
     output_file = Path(output_file)
+    if output_file.is_dir() or str(output_file).endswith("/"):
+        raise ConversionError(f"--output {output_file}: is a directory; give a file name such as "
+                              f"{output_file / 'model.gguf'} (--overwrite replaces files, never directories)")
     if output_file.exists() and not overwrite:
         raise ConversionError(f"{output_file}: already exists; choose a new name or pass --overwrite")
     sp = read_sentencepiece(tokenizer) if tokenizer is not None else None
@@ -135,9 +138,12 @@ def export_gguf(
             converted[id(tensor)] = array if array.ndim == 1 else array.astype(matrix_dtype)
         writer.add_tensor(name, converted[id(tensor)])
     try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=progress)
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file(progress=progress)
+        finally:
+            writer.close()
+        os.replace(tmp, output_file)
     finally:
-        writer.close()
-    os.replace(tmp, output_file)
+        tmp.unlink(missing_ok=True)  # an interrupted or failed write leaves nothing half-written behind

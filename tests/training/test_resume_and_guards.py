@@ -187,8 +187,10 @@ def test_checkpoint_table_reports_damage(tmp_path, token_shards, repo_root):
     run_ranks(lambda rank: Trainer(run).train() and None, world_size=1)
     victim = next((tmp_path / "r" / "checkpoints" / "step_0000004" / "optimizer").glob("*.safetensors"))
     victim.write_bytes(victim.read_bytes()[:-1] + b"!")
-    out = subprocess.run([sys.executable, "-m", "megamobi.checkpoints", str(tmp_path / "r"), "--verify"],
-                         cwd=repo_root, capture_output=True, text=True, check=True).stdout.splitlines()
+    proc = subprocess.run([sys.executable, "-m", "megamobi.checkpoints", str(tmp_path / "r"), "--verify"],
+                          cwd=repo_root, capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr  # a BROKEN checkpoint: scripts can test the exit status
+    out = proc.stdout.splitlines()
     assert out[0].split()[:4] == ["checkpoint", "step", "samples", "tokens"]
     step2, step4 = out[1].split(), out[2].split()
     assert step2[:4] == ["step_0000002", "2", "16", "512"] and step2[-1] == "verified"
