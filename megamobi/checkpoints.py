@@ -2,6 +2,7 @@
 
     python -m megamobi.checkpoints runs/mobillama-0.5b            # one line per checkpoint
     python -m megamobi.checkpoints runs/mobillama-0.5b --verify   # also check every file's sha256
+                                                                  # (exit status 1 if any checkpoint is BROKEN)
     python -m megamobi.checkpoints runs/mobillama-0.5b --json
 """
 
@@ -14,6 +15,8 @@ from pathlib import Path
 
 from megamobi.checkpointing.manifest import read_manifest, verify_checkpoint
 from megamobi.training.checkpoint import checkpoints_dir
+
+EXIT_BROKEN = 1  # --verify found a checkpoint whose files are missing or differ from its manifest
 
 
 def _size(manifest: dict) -> int:
@@ -49,13 +52,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object per checkpoint")
     args = parser.parse_args(argv)
     if not checkpoints_dir(args.run_dir).is_dir():
-        print(f"error: {args.run_dir} has no checkpoints/ directory; is it a run directory?", file=sys.stderr)
+        hint = (f"it is a checkpoint: give its run directory, {args.run_dir.resolve().parent.parent}"
+                if (args.run_dir / "megamobi.json").is_file() else "is it a run directory?")
+        print(f"error: {args.run_dir} has no checkpoints/ directory; {hint}", file=sys.stderr)
         return 2
     rows = describe(args.run_dir, verify=args.verify)
+    # --verify: exit EXIT_BROKEN when any finished checkpoint fails its checksums (scripts can test it).
+    # A step_* directory without a manifest lost it afterwards (only sealed checkpoints get that name).
+    damaged = [r for r in rows if r["status"].startswith("BROKEN")
+               or (r["checkpoint"].startswith("step_") and r["status"].startswith("incomplete"))]
+    exit_status = EXIT_BROKEN if args.verify and damaged else 0
     if args.json:
         for row in rows:
             print(json.dumps(row))
-        return 0
+        return exit_status
     print(f"{'checkpoint':<20} {'step':>8} {'samples':>12} {'tokens':>16} {'loss':>8} {'layout':<14} {'size':>9}  {'code':<22} status")
     for r in rows:
         if "step" not in r:
@@ -64,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
         print(f"{r['checkpoint']:<20} {r['step']:>8} {r['consumed_samples']:>12,} {r['consumed_tokens']:>16,} {loss:>8} "
               f"{r['layout']:<14} {r['bytes'] / 2**20:>7.1f}MB  {r['code_version']!s:<22} {r['status']}")
-    return 0
+    return exit_status
 
 
 if __name__ == "__main__":

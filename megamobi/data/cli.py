@@ -3,6 +3,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from megamobi.cli_support import USAGE_ERROR, UserError, load_sentencepiece, positive_float, positive_int
+
 from .errors import DataError
 
 EXIT_BAD_DATA = 1
@@ -26,18 +28,20 @@ def preprocess_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", dest="input_format", choices=["amber", "text"], default="amber",
                         help="amber: {token_ids, source} lines; text: jsonl 'text' or *.txt files")
     parser.add_argument("--tokenizer", help="SentencePiece .model (required for --format text)")
-    parser.add_argument("--vocab-size", type=int, help="for amber without --tokenizer (default 32000)")
-    parser.add_argument("--samples-per-shard", type=int, default=262_144)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--vocab-size", type=positive_int, help="for amber without --tokenizer (default 32000)")
+    parser.add_argument("--samples-per-shard", type=positive_int, default=262_144)
+    parser.add_argument("--workers", type=positive_int, default=1)
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip bad lines (counted and listed in the manifest) instead of stopping")
-    parser.add_argument("--chunk-mb", type=float, default=256.0,
+    parser.add_argument("--chunk-mb", type=positive_float, default=256.0,
                         help="work unit: byte range of an uncompressed file (output depends on it)")
     parser.add_argument("--overwrite", action="store_true", help="delete existing output first")
     parser.add_argument("--verify-existing", action="store_true",
                         help="on resume, check sha256 of finished shards (default: sizes + headers)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        return _fail(f"--output {args.output}: is a file; give a directory for the shards", USAGE_ERROR)
     opts = PreprocessOptions(
         inputs=args.input, output=args.output, input_format=args.input_format,
         tokenizer=args.tokenizer, vocab_size=args.vocab_size,
@@ -69,6 +73,14 @@ def inspect_main(argv: list[str] | None = None) -> int:
                         help="print sample K (global index; repeatable)")
     args = parser.parse_args(argv)
     directory = Path(args.directory)
+    if directory.is_file():
+        return _fail(f"{directory}: is a file; give the shard directory (the one holding manifest.json)", USAGE_ERROR)
+    sp = None
+    if args.tokenizer:
+        try:
+            sp = load_sentencepiece(args.tokenizer)
+        except UserError as err:
+            return _fail(str(err), USAGE_ERROR)
     try:
         manifest, problems = verify_directory(directory)
     except DataError as err:
@@ -84,23 +96,22 @@ def inspect_main(argv: list[str] | None = None) -> int:
     if problems:
         for problem in problems:
             print(f"PROBLEM: {problem}", file=sys.stderr)
-        return _fail(f"{len(problems)} problem(s); re-run preprocess_amber.py with the same "
-                     "arguments to rebuild damaged shards")
+        return _fail(f"{len(problems)} problem(s); rebuild the damaged shards by re-running preprocess_amber.py "
+                     "with the same arguments plus --verify-existing (it checks every finished shard's sha256 "
+                     "and rebuilds from the first damaged one; --overwrite rebuilds everything)")
     print("all shards verified (sizes, headers, sha256)")
     if args.show:
         from .shard_dataset import ShardedDataset
 
         ds = ShardedDataset([directory])
-        sp = None
-        if args.tokenizer:
-            import sentencepiece
-
-            sp = sentencepiece.SentencePieceProcessor(model_file=args.tokenizer)
         sources = ds.sample_sources()
         for k in args.show:
             if not 0 <= k < len(ds):
                 return _fail(f"--show {k}: only {len(ds)} samples")
             tokens = ds[k].tolist()
+            if sp is not None and max(tokens) >= sp.get_piece_size():
+                return _fail(f"--tokenizer {args.tokenizer}: {sp.get_piece_size()} tokens, but sample {k} holds id "
+                             f"{max(tokens)}: not the tokenizer these shards were made with", USAGE_ERROR)
             print(f"--- sample {k} (source {ds.sources[sources[k]]}) ---")
             print(sp.decode(tokens) if sp else tokens)
     return 0
@@ -113,10 +124,15 @@ def train_tokenizer_main(argv: list[str] | None = None) -> int:
                                      description="train a LLaMA-style SentencePiece BPE (byte fallback)")
     parser.add_argument("--input", nargs="+", required=True, help="text / jsonl files, dirs, globs")
     parser.add_argument("--output", required=True, help="output prefix: writes PREFIX.model/.vocab")
-    parser.add_argument("--vocab-size", type=int, default=32000)
-    parser.add_argument("--max-sentences", type=int, default=2_000_000)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--vocab-size", type=positive_int, default=32000)
+    parser.add_argument("--max-sentences", type=positive_int, default=2_000_000)
+    parser.add_argument("--threads", type=positive_int, default=1)
     args = parser.parse_args(argv)
+    output = Path(args.output)
+    if args.output.endswith(("/", "\\")) or output.is_dir():
+        return _fail(f"--output {args.output}: is a directory; --output is a file prefix, e.g. "
+                     f"{output / 'tokenizer'} writes tokenizer.model and tokenizer.vocab there", USAGE_ERROR)
+    output.parent.mkdir(parents=True, exist_ok=True)
     try:
         path = train_tokenizer(inputs=args.input, output_prefix=args.output,
                                vocab_size=args.vocab_size, max_sentences=args.max_sentences,
