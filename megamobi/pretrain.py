@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
 
         check_start_checkpoints(run)  # run_dir's model and position, checkpoint.init_from
         check_validation_data(run, data)
+        from megamobi.training.data_provenance import check_resume_data
+
+        check_resume_data(run)  # a resume onto other data than run_dir's checkpoints were trained on
     except (ConfigError, DataError) as err:
         print(f"megamobi: error: {err}", file=sys.stderr)
         return 2
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     init_distributed()
     try:
         Trainer(run, data=data).train()
-    except ConfigError as err:
+    except (ConfigError, DataError) as err:  # DataError: e.g. the loader's token-id guard
         print(f"megamobi: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:

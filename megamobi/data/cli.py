@@ -25,8 +25,9 @@ def preprocess_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", nargs="+", required=True,
                         help="files, directories (recursive, sorted) and globs; gzip/zstd allowed")
     parser.add_argument("--output", required=True, help="shard directory (created; resumable)")
-    parser.add_argument("--format", dest="input_format", choices=["amber", "text"], default="amber",
-                        help="amber: {token_ids, source} lines; text: jsonl 'text' or *.txt files")
+    parser.add_argument("--format", dest="input_format", choices=["amber", "text"], default=None,
+                        help="amber: {token_ids, source} lines; text: jsonl 'text' or *.txt files "
+                             "(default: from the first input's first line)")
     parser.add_argument("--tokenizer", help="SentencePiece .model (required for --format text)")
     parser.add_argument("--vocab-size", type=positive_int, help="for amber without --tokenizer (default 32000)")
     parser.add_argument("--samples-per-shard", type=positive_int, default=262_144)
@@ -42,6 +43,19 @@ def preprocess_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if Path(args.output).exists() and not Path(args.output).is_dir():
         return _fail(f"--output {args.output}: is a file; give a directory for the shards", USAGE_ERROR)
+    if args.input_format is None:
+        from .format_inference import infer_input_format
+        from .input_files import expand_inputs
+
+        try:
+            files = expand_inputs(args.input)
+        except DataError as err:
+            return _fail(str(err))
+        try:
+            args.input_format, why = infer_input_format(files, tokenizer=args.tokenizer)
+        except DataError as err:  # a missing flag: a usage error
+            return _fail(str(err), 2)
+        print(f"preprocess: --format {args.input_format} ({why})", file=sys.stderr)
     opts = PreprocessOptions(
         inputs=args.input, output=args.output, input_format=args.input_format,
         tokenizer=args.tokenizer, vocab_size=args.vocab_size,

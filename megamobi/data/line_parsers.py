@@ -32,7 +32,9 @@ def parse_amber_line(raw: bytes, *, vocab_size: int) -> tuple[np.ndarray, str]:
     """`{"token_ids": [SEQ_LEN ints], "source": str}` -> (uint16 tokens, source)."""
     obj = _decode_json_object(raw)
     if "token_ids" not in obj:
-        raise LineRejected("missing_field", "missing field 'token_ids'")
+        hint = (" (the line has a 'text' field: raw text needs --format text --tokenizer MODEL.model)"
+                if "text" in obj else "")
+        raise LineRejected("missing_field", "missing field 'token_ids'" + hint)
     if "source" not in obj:
         raise LineRejected("missing_field", "missing field 'source'")
     source = obj["source"]

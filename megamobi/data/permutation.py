@@ -3,6 +3,10 @@
 Balanced Feistel network on 2*h bits (4**h >= n) with a splitmix64-style round function, plus
 cycle walking: values >= n are fed through the network again until they land in [0, n). Because
 4**h < 4n, fewer than 4 passes are needed on average. Vectorised over numpy arrays of positions.
+
+The network is invertible round by round, and cycle walking backwards retraces the same chain of
+out-of-range values, so `inverse` answers "at which position does value v appear" in O(1) too
+(megamobi.replay's --find uses it instead of scanning an epoch).
 """
 import numpy as np
 
@@ -35,13 +39,29 @@ class FeistelPermutation:
             left, right = right, left ^ (_mix(right ^ key) & self._half_mask)
         return (left << self._half_bits) | right
 
-    def __call__(self, positions: np.ndarray) -> np.ndarray:
-        """Permuted values of positions (each in [0, size)); int64 array in, int64 array out."""
+    def _inverse_network(self, y: np.ndarray) -> np.ndarray:
+        left, right = y >> self._half_bits, y & self._half_mask
+        for key in self._keys[::-1]:
+            left, right = right ^ (_mix(left ^ key) & self._half_mask), left
+        return (left << self._half_bits) | right
+
+    def _walk(self, values, network) -> np.ndarray:
         with np.errstate(over="ignore"):
-            x = np.asarray(positions, dtype=np.uint64)
-            out = self._network(x)
+            x = np.asarray(values, dtype=np.uint64)
+            out = network(x)
             outside = out >= np.uint64(self.size)
             while outside.any():
-                out[outside] = self._network(out[outside])
+                out[outside] = network(out[outside])
                 outside = out >= np.uint64(self.size)
         return out.astype(np.int64)
+
+    def inverse(self, values: np.ndarray) -> np.ndarray:
+        """Positions at which `values` appear: inverse(perm(p)) == p for every p in [0, size)."""
+        values = np.asarray(values, dtype=np.int64)
+        if values.size and (values.min() < 0 or values.max() >= self.size):
+            raise ValueError(f"values must lie in [0, {self.size})")
+        return self._walk(values, self._inverse_network)
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        """Permuted values of positions (each in [0, size)); int64 array in, int64 array out."""
+        return self._walk(positions, self._network)

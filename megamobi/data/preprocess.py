@@ -320,6 +320,7 @@ class _Job:
             "shards": [{k: v for k, v in r.items() if k not in ("start", "end")} for r in self.shards],
             "tokenizer": asdict(self.tok),
             "vocab_size": self.tok.vocab_size,
+            "max_token_id": max((_shard_max_token_id(self.out, r) for r in self.shards), default=-1),
             "input_format": self.opts.input_format,
             "inputs": self.fingerprint["inputs"],
             "stats": {**totals, "input_tokens": input_tokens,
@@ -333,6 +334,14 @@ class _Job:
             "code_version": code_version(),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
+
+
+def _shard_max_token_id(directory: Path, record: dict) -> int:
+    """Recorded by the shard writer; shards finished by an older version are read once."""
+    if "max_token_id" in record:
+        return record["max_token_id"]
+    tokens = np.fromfile(directory / record["files"]["bin"]["file"], dtype=TOKEN_DTYPE)
+    return int(tokens.max()) if len(tokens) else -1
 
 
 def _progress_bar(opts: PreprocessOptions, *, total: int):

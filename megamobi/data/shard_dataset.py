@@ -27,8 +27,11 @@ class ShardedDataset:
         self._bins: list[np.memmap] = []
         self._src_files: list[Path] = []
         self._src_maps: list[np.ndarray] = []  # local source id -> global id, per shard
+        self.bin_paths: list[Path] = []  # per shard, for provenance listings (megamobi.replay)
+        self.directory_starts: dict[str, tuple[int, int]] = {}  # path as given -> (first index, samples)
         counts: list[int] = []
         for directory in map(Path, paths):
+            first_index = sum(counts)
             manifest_path = directory / MANIFEST_NAME
             if not manifest_path.is_file():
                 raise ShardError(f"{manifest_path}: missing; {directory} is not a finished shard "
@@ -49,7 +52,9 @@ class ShardedDataset:
                                             mode="r", shape=(n, SEQ_LEN)))
                 self._src_files.append(directory / record["files"]["src"]["file"])
                 self._src_maps.append(local_to_global)
+                self.bin_paths.append(directory / record["files"]["bin"]["file"])
                 counts.append(n)
+            self.directory_starts[str(directory)] = (first_index, sum(counts) - first_index)
         self._offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
 
     def _global_source(self, name: str) -> int:

@@ -44,6 +44,7 @@ class ShardWriter:
         self._stream = open(_tmp(paths["bin"]), "wb")
         self._hash = hashlib.sha256()
         self._src_parts, self._count, self._start = [], 0, start
+        self._max_token_id = -1
 
     def add(self, samples: np.ndarray, sources: np.ndarray, *, chunk: int, offset: int,
             end: Position) -> None:
@@ -57,6 +58,8 @@ class ShardWriter:
             take = min(self._per_shard - self._count, len(samples) - done)
             block = np.ascontiguousarray(samples[done:done + take], dtype=TOKEN_DTYPE)
             data = block.tobytes()
+            if take:  # the manifest records the largest id, so a run can refuse data its model cannot embed
+                self._max_token_id = max(self._max_token_id, int(block.max()))
             self._stream.write(data)
             self._hash.update(data)
             self._src_parts.append(np.asarray(sources[done:done + take], dtype=SOURCE_ID_DTYPE))
@@ -100,6 +103,7 @@ class ShardWriter:
         record = {
             "name": name,
             "num_samples": self._count,
+            "max_token_id": self._max_token_id,
             "source_tokens": {self._source_names[i]: int(c) * SEQ_LEN for i, c in enumerate(counts) if c},
             "files": {
                 "bin": {"file": paths["bin"].name, "bytes": paths["bin"].stat().st_size,

@@ -30,6 +30,20 @@ class BlockSubset:
     def __getitem__(self, index: int) -> np.ndarray:
         return self.base[self.base_index(int(index))]
 
+    def base_indices_of(self, indices: np.ndarray) -> np.ndarray:
+        """Vectorised base_index: subset indices -> base indices."""
+        indices = np.asarray(indices, dtype=np.int64)
+        k = np.searchsorted(self._offsets, indices, side="right") - 1
+        return self._blocks[k] * self._block_size + indices - self._offsets[k]
+
+    def subset_index(self, base_index: int) -> int | None:
+        """Inverse of base_index: the subset index of a base sample, None when it is not in the subset."""
+        block = base_index // self._block_size
+        k = int(np.searchsorted(self._blocks, block))
+        if k == len(self._blocks) or int(self._blocks[k]) != block:
+            return None
+        return int(self._offsets[k]) + base_index - block * self._block_size
+
     def base_indices(self) -> np.ndarray:
         """All base indices in order (O(len)); for blending."""
         if not len(self):
@@ -98,6 +112,41 @@ class BlendedDataset:
         order = np.argsort(np.concatenate(times), kind="stable")
         self._index = np.concatenate(picks)[order] if picks else np.zeros(0, dtype=np.int64)
         self.realised_counts = dict(zip(names, counts.tolist()))
+        self._names = names
+        self._members: dict[str, np.ndarray] | None = None  # per source, built on first inverse query
+
+    @property
+    def index(self) -> np.ndarray:
+        """Blended position -> base index (read-only view)."""
+        view = self._index.view()
+        view.flags.writeable = False
+        return view
+
+    def positions_of(self, base_index: int) -> list[int]:
+        """Every blended position that picks base sample `base_index` (none when its source is weighted
+        0 or downsampled past it, several when upsampled), without scanning the index: pick k of
+        source s sits at the rank of its time (k + 0.5) / n_s among all picks, ties broken by source
+        order then k, exactly as the stable argsort of the constructor orders them."""
+        if self._members is None:
+            sample_sources = self.base.sample_sources()
+            self._members = {n: np.flatnonzero(sample_sources == self.base.sources.index(n)) for n in self._names}
+        found = [(s, name, int(np.searchsorted(self._members[name], base_index))) for s, name in enumerate(self._names)]
+        found = [(s, name, q) for s, name, q in found
+                 if q < len(self._members[name]) and self._members[name][q] == base_index]
+        if not found:
+            return []
+        [(s, name, q)] = found  # a sample has one source
+        members = self._members[name]
+        n_s = self.realised_counts[name]
+        positions = []
+        for k in range(q, n_s, len(members)):
+            time = (k + 0.5) / n_s
+            position = k
+            for other_index, other in enumerate(self._names):
+                if other_index != s:
+                    position += _picks_before(self.realised_counts[other], time, ties_first=other_index < s)
+            positions.append(position)
+        return positions
 
     def __len__(self) -> int:
         return len(self._index)
@@ -107,3 +156,17 @@ class BlendedDataset:
 
     def sample_sources(self) -> np.ndarray:
         return self.base.sample_sources()[self._index]
+
+
+def _picks_before(count: int, time: float, *, ties_first: bool) -> int:
+    """How many of a source's `count` picks, at times (k + 0.5) / count, sort before `time`
+    (binary search with the constructor's own float expression, so ties are found exactly)."""
+    lo, hi = 0, count
+    while lo < hi:
+        mid = (lo + hi) // 2
+        t = (mid + 0.5) / count
+        if t < time or (ties_first and t == time):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo

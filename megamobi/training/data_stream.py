@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from megamobi.data import GlobalBatchSampler, build_datasets, collate, eval_batches
+from megamobi.data.token_ids import check_batch_ids, check_token_ids
+from megamobi.training.batch_record import batch_recorder
 from megamobi.training.run_config import SAMPLE_TOKENS, RunConfig
 
 
@@ -41,6 +43,8 @@ class RunData:
         self.train = Windows(train, run.batch.seq_len)
         self.val = Windows(val, run.batch.seq_len) if val is not None and len(val) else None
         self.run = run
+        self.vocab_size = run.model_config.vocab_size
+        check_token_ids(run.data.paths, vocab_size=self.vocab_size)  # ids the embedding cannot hold: exit 2 now
 
     def manifest_checksums(self) -> dict[str, str]:
         """sha256 of each data directory's manifest.json: which data a checkpoint was trained on."""
@@ -53,8 +57,13 @@ class RunData:
         sampler = GlobalBatchSampler(num_samples=len(self.train), global_batch_size=self.run.batch.global_batch_size,
                                      micro_batch_size=self.run.batch.micro_batch_size, dp_rank=dp_rank,
                                      dp_size=dp_size, seed=self.run.data.seed, consumed_samples=consumed_samples)
+        record = batch_recorder(self, consumed_samples=consumed_samples, dp_rank=dp_rank, sampler=sampler)
         for indices in sampler:
-            yield collate([self.train[i] for i in indices])
+            samples = [self.train[i] for i in indices]
+            check_batch_ids(samples, vocab_size=self.vocab_size, where=f"training windows {indices}")
+            if record is not None:
+                record(indices, samples)
+            yield collate(samples)
 
     def val_batches(self, *, dp_rank: int, dp_size: int) -> Iterator[dict]:
         if self.val is None:

@@ -38,6 +38,7 @@ from megamobi.training.checkpoint import (
     read_trainer_state,
     save_checkpoint,
 )
+from megamobi.training.data_provenance import DataProvenance
 from megamobi.training.data_stream import RunData
 from megamobi.training.ds_config import build_ds_config
 from megamobi.training.metrics import MetricsLogger, memory_gb
@@ -88,6 +89,8 @@ class Trainer:
         resume_from = self._find_resume_checkpoint()
         check_trainer_start(run, resume_from=resume_from)  # the checkpoint holds this model; the batch fits
         self.resumed_from = resume_from  # never pruned by checkpoint.keep_last
+        # Refuses a resume onto other data (unless data.allow_change); records what each step trained on.
+        self.data_provenance = DataProvenance(run, resume_from=resume_from, data_parallel_size=self.layout.data)
         saved_layout = read_manifest(resume_from).get("layout") if resume_from else None
         # Same layout: DeepSpeed restores its own files exactly. Any other layout (or a weights-only
         # checkpoint such as `convert from-hf` writes) goes through the plain-model files.
@@ -130,6 +133,7 @@ class Trainer:
                                     total_steps=self.total_steps, run_name=self.run_dir.name,
                                     wandb_run_id=self.state.wandb_run_id, run_config=dataclasses.asdict(run))
         self.state.wandb_run_id = self.logger.wandb_run_id or self.state.wandb_run_id
+        self.data_provenance.log_changes(self.logger)
         self.flops_per_token = flops_per_token(self.model_config, seq_len=run.batch.seq_len)
 
     def _layout_record(self) -> dict[str, int]:
@@ -335,6 +339,7 @@ class Trainer:
                 "layout": self._layout_record(),
                 "precision": self.run.precision, "run_config": dataclasses.asdict(self.run),
                 "data_manifests": self.data.manifest_checksums(),
+                **self.data_provenance.manifest_info(step=self.state.step),
             })
         self.logger.info(f"saved checkpoint {path}")
         return path

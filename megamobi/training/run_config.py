@@ -25,6 +25,9 @@ class DataConfig:
     source_weights: dict[str, float] | None = None
     val_fraction: float = 0.0
     seed: int = 1234
+    # Resume even though the data (manifests, blend, split, seed) or seq_len differ from the checkpoint's;
+    # the change is logged and recorded (megamobi/training/data_provenance.py). Off: such a resume stops.
+    allow_change: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

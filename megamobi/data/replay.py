@@ -1,0 +1,426 @@
+"""Which tokens a run trained on, step by step: the data order replayed from a run directory.
+
+A run's order is a pure function of its data config and batch sizes (megamobi/data/sampler.py):
+global position p of a segment of training (steps trained under one config, between resumes) is
+window perm_e(p mod W) of epoch e = p div W, W = training windows; step k covers positions
+[c0 + (k - first) * GB, ...), rank r the contiguous slice r * GB / D of it, in micro-batches of MB.
+Every checkpoint records the segments that led to it (`data_provenance` in megamobi.json; derived
+from the chain of checkpoints for older ones), so the answer needs nothing but the run directory
+and the shards. The inverse runs the same maps backwards (the Feistel permutation is a bijection):
+one sample -> the positions of its windows, without scanning an epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from megamobi.files import sha256_file
+
+from .errors import DataError
+from .indexed_format import SEQ_LEN
+from .manifest import MANIFEST_NAME as SHARD_MANIFEST
+from .sampler import epoch_permutation
+from .shard_dataset import ShardedDataset
+from .subsets import BlendedDataset, split_train_val
+
+CHECKPOINT_MANIFEST = "megamobi.json"
+PROVENANCE_KEY = "data_provenance"
+
+
+class ReplayError(DataError):
+    """The run directory cannot answer the question (missing checkpoints, changed shards, bad range)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """Optimizer steps first_step..last_step (1-based, as logged), trained under one data config and layout."""
+
+    first_step: int
+    last_step: int
+    consumed_samples_before: int  # training sequences consumed before first_step
+    global_batch_size: int
+    micro_batch_size: int
+    data_parallel_size: int
+    seq_len: int
+    data: dict[str, Any]  # paths, source_weights, val_fraction, seed (as in the run config)
+    data_manifests: dict[str, str]  # shard directory -> sha256 of its manifest.json
+    data_changed: list[str] = dataclasses.field(default_factory=list)  # accepted with data.allow_change
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Segment:
+        return cls(**{f.name: record[f.name] for f in dataclasses.fields(cls) if f.name in record})
+
+    def to_record(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def position(self, step: int) -> int:
+        """First global position of optimizer step `step`."""
+        return self.consumed_samples_before + (step - self.first_step) * self.global_batch_size
+
+    @property
+    def end_position(self) -> int:
+        return self.position(self.last_step + 1)
+
+    def data_key(self) -> str:
+        return json.dumps({"data": self.data, "seq_len": self.seq_len, "manifests": self.data_manifests}, sort_keys=True)
+
+    def continues(self, other: Segment) -> bool:
+        """True when `other` (the next segment) trains on under the very same settings: one segment."""
+        same = {f.name for f in dataclasses.fields(self)} - {"first_step", "last_step", "consumed_samples_before",
+                                                             "data_changed"}
+        return (not other.data_changed and other.first_step == self.last_step + 1
+                and other.consumed_samples_before == self.end_position
+                and all(getattr(self, n) == getattr(other, n) for n in same))
+
+
+def merge_segments(segments: list[Segment]) -> list[Segment]:
+    merged: list[Segment] = []
+    for segment in segments:
+        if merged and merged[-1].continues(segment):
+            merged[-1] = dataclasses.replace(merged[-1], last_step=segment.last_step)
+        else:
+            merged.append(segment)
+    return merged
+
+
+def truncate_segments(segments: list[Segment], *, last_step: int) -> list[Segment]:
+    kept = [s for s in segments if s.first_step <= last_step]
+    if kept and kept[-1].last_step > last_step:
+        kept[-1] = dataclasses.replace(kept[-1], last_step=last_step)
+    return kept
+
+
+# --------------------------------------------------------------------------- checkpoints -> segments
+def read_checkpoint_manifests(run_dir: str | Path) -> list[tuple[Path, dict]]:
+    """(checkpoint dir, megamobi.json) of every complete checkpoint, by step."""
+    root = Path(run_dir) / "checkpoints"
+    found = []
+    for path in sorted(root.glob("step_*")) if root.is_dir() else []:
+        try:
+            manifest = json.loads((path / CHECKPOINT_MANIFEST).read_text())
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            continue  # incomplete or damaged: not part of any answer
+        if isinstance(manifest.get("step"), int):
+            found.append((path, manifest))
+    return sorted(found, key=lambda item: item[1]["step"])
+
+
+def segment_of_checkpoint(manifest: dict, *, first_step: int, consumed_samples_before: int) -> Segment | None:
+    """The segment that ends at this checkpoint, from what it recorded (its run config and layout)."""
+    run = manifest.get("run_config")
+    if not isinstance(run, dict) or "data" not in run or "batch" not in run:
+        return None
+    batch = run["batch"]
+    return Segment(first_step=first_step, last_step=manifest["step"], consumed_samples_before=consumed_samples_before,
+                   global_batch_size=batch["global_batch_size"], micro_batch_size=batch["micro_batch_size"],
+                   data_parallel_size=(manifest.get("layout") or {}).get("data", 1),
+                   seq_len=batch.get("seq_len", SEQ_LEN - 1), data=_data_fields(run["data"]),
+                   data_manifests=dict(manifest.get("data_manifests") or {}))
+
+
+def _data_fields(data: dict) -> dict:
+    return {"paths": list(data["paths"]), "source_weights": data.get("source_weights"),
+            "val_fraction": data.get("val_fraction", 0.0), "seed": data.get("seed", 1234)}
+
+
+def checkpoint_segments(run_dir: str | Path, manifest: dict) -> list[Segment]:
+    """The segments that led to a checkpoint: recorded in it, or (checkpoints written before the
+    record existed) derived from the chain of checkpoints up to it, each covering the steps since the
+    previous one with its own layout and config."""
+    if PROVENANCE_KEY in manifest:
+        return [Segment.from_record(r) for r in manifest[PROVENANCE_KEY]]
+    segments, previous_step, previous_consumed = [], 0, 0
+    for _, m in read_checkpoint_manifests(run_dir):
+        if m["step"] > manifest["step"]:
+            break
+        segment = segment_of_checkpoint(m, first_step=previous_step + 1, consumed_samples_before=previous_consumed)
+        if segment is None:
+            continue
+        segments.append(segment)
+        previous_step, previous_consumed = m["step"], m.get("consumed_samples", segment.end_position)
+    return merge_segments(segments)
+
+
+# --------------------------------------------------------------------------- one data config
+class TrainOrder:
+    """The shuffled training windows of one data config, as the trainer builds them
+    (megamobi.data.build_datasets + training.data_stream.Windows + GlobalBatchSampler)."""
+
+    def __init__(self, segment: Segment, *, verify_checksums: bool = False) -> None:
+        data = segment.data
+        self.seed = data["seed"]
+        self.seq_len = segment.seq_len
+        self.base = ShardedDataset(data["paths"], verify_checksums=verify_checksums)
+        self.train, self.val = split_train_val(self.base, val_fraction=data["val_fraction"], seed=self.seed)
+        weights = data.get("source_weights")
+        self.blend = BlendedDataset(self.train, weights=weights) if weights is not None else None
+        self.per_sample = (SEQ_LEN - 1) // self.seq_len
+        self.num_windows = len(self.blend if self.blend is not None else self.train) * self.per_sample
+        if not self.num_windows:
+            raise ReplayError(f"{data['paths']}: no training samples")
+        self._sources: np.ndarray | None = None
+
+    def windows_at(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global positions -> (base sample index, token offset of the window)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        windows = np.empty_like(positions)
+        epochs = positions // self.num_windows
+        for epoch in np.unique(epochs):
+            mask = epochs == epoch
+            perm = epoch_permutation(num_samples=self.num_windows, seed=self.seed, epoch=int(epoch))
+            windows[mask] = perm(positions[mask] % self.num_windows)
+        picks, window = np.divmod(windows, self.per_sample)
+        subset = self.blend.index[picks] if self.blend is not None else picks
+        return self.train.base_indices_of(subset), window * self.seq_len
+
+    def positions_of(self, base_index: int, *, start: int, stop: int) -> list[tuple[int, int]] | None:
+        """(position, offset) of every window of base sample `base_index` consumed at positions
+        [start, stop); None when the sample is in the validation split."""
+        subset = self.train.subset_index(base_index)
+        if subset is None:
+            return None
+        picks = self.blend.positions_of(subset) if self.blend is not None else [subset]
+        found = []
+        first_epoch, last_epoch = start // self.num_windows, (stop - 1) // self.num_windows
+        for epoch in range(first_epoch, last_epoch + 1):
+            perm = epoch_permutation(num_samples=self.num_windows, seed=self.seed, epoch=epoch)
+            windows = np.array([p * self.per_sample + j for p in picks for j in range(self.per_sample)], dtype=np.int64)
+            if not len(windows):
+                continue
+            positions = epoch * self.num_windows + perm.inverse(windows)
+            for position, window in zip(positions.tolist(), windows.tolist()):
+                if start <= position < stop:
+                    found.append((position, (window % self.per_sample) * self.seq_len))
+        return sorted(found)
+
+    def sample_sources(self) -> np.ndarray:
+        if self._sources is None:
+            self._sources = self.base.sample_sources()
+        return self._sources
+
+    def natural_mix(self) -> dict[str, float]:
+        """Source shares of the training split (what an unblended run consumes on average)."""
+        counts = np.bincount(self.sample_sources()[self.train.base_indices()], minlength=len(self.base.sources))
+        return {n: float(c) / max(int(counts.sum()), 1) for n, c in zip(self.base.sources, counts)}
+
+    def locate(self, base_index: int) -> tuple[Path, int]:
+        shard, row = self.base.locate(base_index)
+        return self.base.bin_paths[shard], row
+
+    def base_index_of(self, location: str) -> int:
+        """SHARD_DIR:ROW (the ROW-th sample of that directory) or SHARD.bin:ROW -> base index."""
+        path, _, row_text = location.rpartition(":")
+        try:
+            row = int(row_text)
+        except ValueError:
+            raise ReplayError(f"--find {location!r}: expected SHARD_DIR:ROW or SHARD.bin:ROW with an integer ROW") from None
+        target = Path(path)
+        if target.suffix == ".bin":
+            for shard, bin_path in enumerate(self.base.bin_paths):
+                if _same_file(bin_path, target):
+                    n = len(self.base._bins[shard])
+                    if not 0 <= row < n:
+                        raise ReplayError(f"--find {location}: {target} has rows 0..{n - 1}")
+                    return int(self.base._offsets[shard]) + row
+            raise ReplayError(f"--find {location}: {target} is not a shard of this run's data {self.segment_paths()}")
+        for directory, (first, count) in self.base.directory_starts.items():
+            if _same_file(Path(directory), target):
+                if not 0 <= row < count:
+                    raise ReplayError(f"--find {location}: {directory} has samples 0..{count - 1}")
+                return first + row
+        raise ReplayError(f"--find {location}: {target} is not one of this run's shard directories {self.segment_paths()}")
+
+    def segment_paths(self) -> list[str]:
+        return list(self.base.directory_starts)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- a whole run
+@dataclasses.dataclass
+class Sequence:
+    step: int
+    rank: int
+    micro_batch: int
+    sample_index: int
+    shard: str
+    row: int
+    offset: int
+    source: str
+    tokens: list[int]
+
+    def record(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class RunReplay:
+    """Answers from a run directory: its newest complete checkpoint's segments + the shards on disk."""
+
+    def __init__(self, run_dir: str | Path, *, verify_checksums: bool = False,
+                 checkpoint: tuple[Path, dict] | None = None, orders: dict | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        if not self.run_dir.is_dir():
+            raise ReplayError(f"{run_dir}: no such run directory")
+        if checkpoint is None:
+            checkpoints = read_checkpoint_manifests(self.run_dir)
+            if not checkpoints:
+                raise ReplayError(f"{run_dir}: no complete checkpoint in {self.run_dir / 'checkpoints'}; replay reads "
+                                  "the run's data config from its checkpoints")
+            checkpoint = checkpoints[-1]
+        self.checkpoint, manifest = checkpoint
+        self.segments = checkpoint_segments(self.run_dir, manifest)
+        if not self.segments:
+            raise ReplayError(f"{self.checkpoint}: records no run config; cannot replay its data order")
+        self.last_step = self.segments[-1].last_step
+        self.verify_checksums = verify_checksums
+        self._orders: dict[str, TrainOrder] = {} if orders is None else orders  # shared between checkpoints
+
+    def order(self, segment: Segment) -> TrainOrder:
+        key = segment.data_key()
+        if key not in self._orders:
+            check_data_unchanged(segment, where=f"steps {segment.first_step}-{segment.last_step} of {self.run_dir}")
+            self._orders[key] = TrainOrder(segment, verify_checksums=self.verify_checksums)
+        return self._orders[key]
+
+    def check_steps(self, first: int, last: int) -> None:
+        if not 1 <= first <= last:
+            raise ReplayError(f"steps {first}:{last}: need 1 <= A <= B (optimizer steps count from 1, as logged)")
+        if last > self.last_step:
+            raise ReplayError(f"step {last}: the newest checkpoint ({self.checkpoint.name}) covers steps 1..{self.last_step}; "
+                              "steps after it are recorded by no checkpoint yet")
+        if first < self.segments[0].first_step:
+            raise ReplayError(f"step {first}: the checkpoints of {self.run_dir} record steps from "
+                              f"{self.segments[0].first_step} on")
+
+    def _overlapping(self, first: int, last: int) -> Iterator[tuple[Segment, int, int]]:
+        for segment in self.segments:
+            lo, hi = max(first, segment.first_step), min(last, segment.last_step)
+            if lo <= hi:
+                yield segment, lo, hi
+
+    def sequences(self, first: int, last: int, *, rank: int | None = None) -> Iterator[Sequence]:
+        """Each step's sequences, rank by rank, in the order each rank consumed them."""
+        self.check_steps(first, last)
+        for segment, lo, hi in self._overlapping(first, last):
+            order = self.order(segment)
+            d, mb, gb = segment.data_parallel_size, segment.micro_batch_size, segment.global_batch_size
+            per_rank = gb // d
+            if rank is not None and not 0 <= rank < d:
+                raise ReplayError(f"--rank {rank}: steps {lo}-{hi} ran with {d} data-parallel rank(s) (0..{d - 1})")
+            ranks = range(d) if rank is None else [rank]
+            for step in range(lo, hi + 1):
+                start = segment.position(step)
+                for r in ranks:
+                    positions = np.arange(start + r * per_rank, start + (r + 1) * per_rank, dtype=np.int64)
+                    bases, offsets = order.windows_at(positions)
+                    for i, (base, offset) in enumerate(zip(bases.tolist(), offsets.tolist())):
+                        shard, row = order.locate(base)
+                        tokens = order.base[base][offset:offset + segment.seq_len + 1]
+                        yield Sequence(step=step, rank=r, micro_batch=i // mb, sample_index=base, shard=str(shard),
+                                       row=row, offset=offset, source=order.base.sources[order.base.source_of(base)],
+                                       tokens=[int(t) for t in tokens])
+
+    def find(self, location: str) -> dict[str, Any]:
+        """Where one sample's windows were consumed: {"sample_index", "shard", "row", "source",
+        "validation": bool, "consumed": [{"step", "rank", "micro_batch", "offset"}]}."""
+        answer: dict[str, Any] | None = None
+        for segment in self.segments:
+            order = self.order(segment)
+            base = order.base_index_of(location)
+            shard, row = order.locate(base)
+            if answer is None:
+                answer = {"sample_index": base, "shard": str(shard), "row": row,
+                          "source": order.base.sources[order.base.source_of(base)], "validation": False, "consumed": []}
+            hits = order.positions_of(base, start=segment.consumed_samples_before, stop=segment.end_position)
+            if hits is None:
+                answer["validation"] = True
+                continue
+            for position, offset in hits:
+                step_index, within = divmod(position - segment.consumed_samples_before, segment.global_batch_size)
+                r, in_rank = divmod(within, segment.global_batch_size // segment.data_parallel_size)
+                answer["consumed"].append({"step": segment.first_step + step_index, "rank": r,
+                                           "micro_batch": in_rank // segment.micro_batch_size, "offset": offset})
+        answer["consumed"].sort(key=lambda hit: (hit["step"], hit["rank"], hit["micro_batch"], hit["offset"]))
+        return answer
+
+    def mix(self, first: int, last: int, *, chunk: int = 1 << 20) -> dict[str, Any]:
+        """Tokens consumed per source over steps first..last (seq_len per sequence, as consumed_tokens
+        counts them), beside the configured blend of the last segment."""
+        self.check_steps(first, last)
+        tokens: dict[str, int] = {}
+        for segment, lo, hi in self._overlapping(first, last):
+            order = self.order(segment)
+            sources = order.sample_sources()
+            start, stop = segment.position(lo), segment.position(hi + 1)
+            for begin in range(start, stop, chunk):
+                bases, _ = order.windows_at(np.arange(begin, min(begin + chunk, stop), dtype=np.int64))
+                counts = np.bincount(sources[bases], minlength=len(order.base.sources))
+                for name, count in zip(order.base.sources, counts.tolist()):
+                    if count:
+                        tokens[name] = tokens.get(name, 0) + count * segment.seq_len
+        final = [s for s, _, _ in self._overlapping(first, last)][-1]
+        weights = final.data.get("source_weights")
+        if weights is not None:
+            total_weight = sum(weights.values())
+            configured = {n: w / total_weight for n, w in weights.items()}
+        else:
+            configured = self.order(final).natural_mix()
+        total = sum(tokens.values())
+        names = list(dict.fromkeys([*tokens, *configured]))
+        return {"first_step": first, "last_step": last, "tokens": total, "blend": "weights" if weights is not None else "natural",
+                "sources": {n: {"tokens": tokens.get(n, 0), "share": tokens.get(n, 0) / total if total else 0.0,
+                                "configured": configured.get(n, 0.0)} for n in names}}
+
+
+def check_data_unchanged(segment: Segment, *, where: str) -> None:
+    """Refuse shard directories whose manifest.json is not the one the run recorded."""
+    for path in segment.data["paths"]:
+        manifest = Path(path) / SHARD_MANIFEST
+        if not manifest.is_file():
+            raise ReplayError(f"{path}: no {SHARD_MANIFEST} (the run's data for {where}); replay needs the shards the "
+                              "run trained on, at the recorded path (relative paths are read from the current directory)")
+        recorded = segment.data_manifests.get(path)
+        if recorded is None:
+            continue  # a checkpoint that did not record it: nothing to compare against
+        actual = sha256_file(manifest)
+        if actual != recorded:
+            raise ReplayError(f"{path}: the shards changed since the run trained on them ({manifest} sha256 "
+                              f"{actual[:12]}..., the checkpoints recorded {recorded[:12]}... for {where}); "
+                              "replay would list other tokens than the run saw. Restore the original shards.")
+
+
+def consumed_mixes(run_dir: str | Path) -> dict[str, dict[str, float]]:
+    """Each checkpoint's consumed source shares over all its steps ({} per checkpoint whose data is
+    unavailable or changed). Cumulative: each checkpoint adds the steps since the previous one when
+    their recorded histories agree, so the whole table costs one pass over the run's positions."""
+    result: dict[str, dict[str, float]] = {}
+    orders: dict[str, TrainOrder] = {}
+    previous: tuple[list[Segment], int, dict[str, int]] | None = None
+    for path, manifest in read_checkpoint_manifests(run_dir):
+        try:
+            replay = RunReplay(run_dir, checkpoint=(path, manifest), orders=orders)
+            tokens: dict[str, int] = {}
+            first = replay.segments[0].first_step
+            if previous is not None and truncate_segments(replay.segments, last_step=previous[1]) == previous[0]:
+                tokens, first = dict(previous[2]), previous[1] + 1
+            if first <= replay.last_step:
+                for name, entry in replay.mix(first, replay.last_step)["sources"].items():
+                    tokens[name] = tokens.get(name, 0) + entry["tokens"]
+        except (DataError, OSError, KeyError, ValueError):
+            result[path.name], previous = {}, None
+            continue
+        total = sum(tokens.values())
+        result[path.name] = {n: t / total for n, t in tokens.items() if t} if total else {}
+        previous = (replay.segments, replay.last_step, tokens)
+    return result

@@ -1,0 +1,176 @@
+"""Which tokens a run trained on: replayed exactly from the run directory (docs/data.md, "Replay").
+
+    python -m megamobi.replay RUN_DIR --steps 5:7 [--rank 0] [--decode [--tokenizer SP.model]] [--json]
+    python -m megamobi.replay RUN_DIR --find SHARD_DIR:ROW      (or SHARD.bin:ROW)
+    python -m megamobi.replay RUN_DIR --find-text "def main" --steps 1:300
+    python -m megamobi.replay RUN_DIR --mix 1:300 [--json]
+
+Steps count from 1, as logged; ranks are data-parallel ranks. The run's data config, layout and
+position come from its checkpoints (megamobi.json); the shards must be the ones it trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse prints the usage too)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _step_range(text: str) -> tuple[int, int]:
+    first, sep, last = text.partition(":")
+    try:
+        a, b = int(first), int(last if sep else first)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not A:B (two optimizer steps, e.g. 1:100)") from None
+    if a < 1 or b < a:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 1 <= A <= B (steps count from 1)")
+    return a, b
+
+
+def _rank(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative (data-parallel ranks count from 0)")
+    return value
+
+
+def parse_args(argv):
+    parser = _Parser(prog="python -m megamobi.replay", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="the run directory (holds checkpoints/)")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--steps", type=_step_range, metavar="A:B", help="list the sequences of steps A..B")
+    mode.add_argument("--find", metavar="SHARD_DIR:ROW", help="where one sample's windows were consumed")
+    mode.add_argument("--find-text", metavar="TEXT", help="sequences containing TEXT (needs --within A:B)")
+    mode.add_argument("--mix", type=_step_range, metavar="A:B", help="tokens per source over steps A..B")
+    parser.add_argument("--within", type=_step_range, metavar="A:B", help="the steps --find-text searches")
+    parser.add_argument("--rank", type=_rank, help="one data-parallel rank (default: all)")
+    parser.add_argument("--decode", action="store_true", help="also print the text (SentencePiece)")
+    parser.add_argument("--tokenizer", type=Path, help="SentencePiece .model (default: the one the data manifest records)")
+    parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    parser.add_argument("--verify-shards", action="store_true", help="also check every shard file's sha256 (reads all)")
+    args = parser.parse_args(argv)
+    if args.find_text is not None and args.within is None:
+        parser.error("--find-text searches a bounded range: add --within A:B (optimizer steps)")
+    if args.find_text is not None and not args.find_text.strip():
+        parser.error("--find-text: give a non-empty text")
+    if args.rank is not None and args.steps is None and args.find_text is None:
+        parser.error("--rank applies to --steps and --find-text")
+    if args.tokenizer is not None and not args.tokenizer.is_file():
+        parser.error(f"--tokenizer {args.tokenizer}: no such file (a SentencePiece .model)")
+    return args
+
+
+def _tokenizer(args, replay):
+    """--tokenizer, else the tokenizer recorded in the first data manifest."""
+    import sentencepiece
+
+    path = args.tokenizer
+    if path is None:
+        from megamobi.data.replay import ReplayError
+
+        directory = replay.segments[-1].data["paths"][0]
+        recorded = json.loads((Path(directory) / "manifest.json").read_text()).get("tokenizer") or {}
+        if not recorded.get("path") or not Path(recorded["path"]).is_file():
+            raise ReplayError(f"{directory}/manifest.json records no tokenizer file that exists here; give --tokenizer SP.model")
+        path = Path(recorded["path"])
+    try:
+        return sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as err:
+        from megamobi.data.replay import ReplayError
+
+        raise ReplayError(f"--tokenizer {path}: not a SentencePiece model ({err})") from None
+
+
+def _print_sequence(seq, *, text: str | None, as_json: bool) -> None:
+    if as_json:
+        record = seq.record()
+        if text is not None:
+            record["text"] = text
+        print(json.dumps(record))
+        return
+    print(f"step {seq.step:>7}  rank {seq.rank:>3}  mb {seq.micro_batch:>3}  sample {seq.sample_index:>10}  "
+          f"{seq.shard}:{seq.row}  offset {seq.offset:>4}  {seq.source}")
+    if text is not None:
+        print("    " + repr(text))
+
+
+def _list(replay, args) -> None:
+    sp = _tokenizer(args, replay) if args.decode else None
+    for seq in replay.sequences(*args.steps, rank=args.rank):
+        _print_sequence(seq, text=sp.decode(seq.tokens) if sp else None, as_json=args.json)
+
+
+def _find_text(replay, args) -> int:
+    sp = _tokenizer(args, replay)
+    found = 0
+    for seq in replay.sequences(*args.within, rank=args.rank):
+        text = sp.decode(seq.tokens)
+        if args.find_text in text:
+            found += 1
+            _print_sequence(seq, text=text if args.decode else None, as_json=args.json)
+    if not found and not args.json:
+        print(f"{args.find_text!r}: in no sequence of steps {args.within[0]}..{args.within[1]}")
+    return 0
+
+
+def _find(replay, args) -> None:
+    answer = replay.find(args.find)
+    if args.json:
+        print(json.dumps(answer))
+        return
+    print(f"sample {answer['sample_index']} = {answer['shard']}:{answer['row']} (source {answer['source']})")
+    if answer["validation"]:
+        print("  in the validation split: never trained on")
+    elif not answer["consumed"]:
+        print(f"  not consumed in steps 1..{replay.last_step}")
+    for hit in answer["consumed"]:
+        print(f"  step {hit['step']:>7}  rank {hit['rank']:>3}  mb {hit['micro_batch']:>3}  offset {hit['offset']:>4}")
+
+
+def _mix(replay, args) -> None:
+    mix = replay.mix(*args.mix)
+    if args.json:
+        print(json.dumps(mix))
+        return
+    print(f"steps {mix['first_step']}..{mix['last_step']}: {mix['tokens']:,} tokens; configured = "
+          + ("the blend's source_weights" if mix["blend"] == "weights" else "the training split's natural mix (no blend)"))
+    print(f"{'source':<24} {'tokens':>16} {'share':>8} {'configured':>11}")
+    for name, entry in mix["sources"].items():
+        print(f"{name:<24} {entry['tokens']:>16,} {100 * entry['share']:>7.2f}% {100 * entry['configured']:>10.2f}%")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from megamobi.data.errors import DataError
+    from megamobi.data.replay import RunReplay
+
+    try:
+        replay = RunReplay(args.run_dir, verify_checksums=args.verify_shards)
+        if args.steps is not None:
+            _list(replay, args)
+        elif args.find is not None:
+            _find(replay, args)
+        elif args.find_text is not None:
+            _find_text(replay, args)
+        else:
+            _mix(replay, args)
+    except DataError as err:
+        print(f"megamobi.replay: error: {err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `| head`
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The replayed data order (megamobi/data/replay.py) on a recorded history of several segments
+(different data-parallel sizes, micro-batches, seq_len, a blend that upsamples, a validation split,
+several epochs): the inverse lookups agree with the forward listing for every sample, the mix adds
+up, and shards that changed since the run are refused. No training: the history is written as a
+checkpoint manifest would record it (the real runs are in tests/training/test_replay_runs.py)."""
+
+import json
+import subprocess
+import sys
+from collections import Counter, defaultdict
+
+import numpy as np
+import pytest
+
+from megamobi.data.permutation import FeistelPermutation
+from megamobi.data.replay import ReplayError, RunReplay
+from megamobi.files import sha256_file
+
+
+def test_feistel_inverse_undoes_the_permutation():
+    for size in (1, 2, 3, 7, 64, 1000, 4097):
+        for seed in (0, 5, 2**64 - 1):
+            perm = FeistelPermutation(size=size, seed=seed)
+            positions = np.arange(size)
+            values = perm(positions)
+            assert sorted(values.tolist()) == positions.tolist()
+            assert np.array_equal(perm.inverse(values), positions)
+
+
+def _segment(first, last, before, *, shards, gb=8, mb=2, d=2, seq_len=1024, weights=None):
+    return {"first_step": first, "last_step": last, "consumed_samples_before": before, "global_batch_size": gb,
+            "micro_batch_size": mb, "data_parallel_size": d, "seq_len": seq_len,
+            "data": {"paths": [str(shards)], "source_weights": weights, "val_fraction": 0.1, "seed": 3},
+            "data_manifests": {str(shards): sha256_file(shards / "manifest.json")}, "data_changed": []}
+
+
+def _fake_run(tmp_path, shards):
+    """Steps 1-20 at D=2 (blend upsampling arxiv, 2 windows per sample), 21-40 at D=4 with micro-batch 1,
+    41-50 at D=1 with seq_len 256 and no blend (a change accepted with data.allow_change)."""
+    segments = [_segment(1, 20, 0, shards=shards, weights={"c4": 1.0, "arxiv": 3.0}),
+                _segment(21, 40, 160, shards=shards, d=4, mb=1, weights={"c4": 1.0, "arxiv": 3.0}),
+                _segment(41, 50, 320, shards=shards, d=1, mb=4, seq_len=256)]
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_0000050"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "megamobi.json").write_text(json.dumps({"step": 50, "consumed_samples": 400, "data_provenance": segments}))
+    return tmp_path / "run"
+
+
+def test_find_agrees_with_the_forward_listing_for_every_sample(tmp_path, token_shards):
+    replay = RunReplay(_fake_run(tmp_path, token_shards))
+    listed = defaultdict(list)
+    sequences = list(replay.sequences(1, 50))
+    assert len(sequences) == 50 * 8
+    for seq in sequences:
+        listed[seq.sample_index].append((seq.step, seq.rank, seq.micro_batch, seq.offset))
+        assert len(seq.tokens) == (1025 if seq.step <= 40 else 257)
+    validation = 0
+    for sample in range(48):
+        answer = replay.find(f"{token_shards}:{sample}")
+        got = [(h["step"], h["rank"], h["micro_batch"], h["offset"]) for h in answer["consumed"]]
+        assert got == sorted(listed.get(sample, [])), sample
+        validation += answer["validation"]
+        if answer["validation"]:
+            assert not got  # validation sequences are never training data
+    assert validation == 5  # round(0.1 * 48)
+    # Several epochs and upsampling: samples come back more than once.
+    assert max(len(v) for v in listed.values()) > 4
+    # The same sample named by its shard file and row.
+    seq = sequences[0]
+    by_file = replay.find(f"{seq.shard}:{seq.row}")
+    assert by_file["sample_index"] == seq.sample_index
+
+
+def test_ranks_and_micro_batches_follow_each_segments_layout(tmp_path, token_shards):
+    replay = RunReplay(_fake_run(tmp_path, token_shards))
+    for step, ranks, micro_batch_size in ((1, 2, 2), (21, 4, 1), (45, 1, 4)):
+        seqs = list(replay.sequences(step, step))
+        assert Counter(s.rank for s in seqs) == {r: 8 // ranks for r in range(ranks)}
+        per_rank = [s.micro_batch for s in seqs if s.rank == 0]
+        assert per_rank == [i // micro_batch_size for i in range(8 // ranks)]
+    assert [s.sample_index for s in replay.sequences(22, 22, rank=3)] == [s.sample_index for s in replay.sequences(22, 22)][6:]
+
+
+def test_mix_adds_up_to_the_consumed_tokens(tmp_path, token_shards):
+    replay = RunReplay(_fake_run(tmp_path, token_shards))
+    mix = replay.mix(1, 50)
+    assert mix["tokens"] == 40 * 8 * 1024 + 10 * 8 * 256
+    counted = Counter()
+    for seq in replay.sequences(1, 50):
+        counted[seq.source] += len(seq.tokens) - 1
+    assert {n: e["tokens"] for n, e in mix["sources"].items() if e["tokens"]} == dict(counted)
+    blended = replay.mix(1, 40)
+    assert blended["blend"] == "weights" and blended["sources"]["arxiv"]["configured"] == 0.75
+    assert abs(blended["sources"]["arxiv"]["share"] - 0.75) < 0.1
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "megamobi.replay", *map(str, args)], capture_output=True, text=True)
+
+
+def test_changed_shards_are_refused(tmp_path, token_shards):
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(token_shards, shards)
+    run_dir = _fake_run(tmp_path, shards)
+    assert _cli(run_dir, "--steps", "1:1").returncode == 0
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["created"] = "rebuilt"
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    proc = _cli(run_dir, "--steps", "1:1")
+    assert proc.returncode == 2 and "the shards changed since the run trained on them" in proc.stderr
+    assert str(shards) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    shutil.rmtree(shards)
+    proc = _cli(run_dir, "--mix", "1:2")
+    assert proc.returncode == 2 and "no manifest.json" in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0:3"], "need 1 <= A <= B"),
+    (["--steps", "5:2"], "need 1 <= A <= B"),
+    (["--steps", "x"], "is not A:B"),
+    (["--mix", "1:99"], "covers steps 1..50"),
+    (["--steps", "1:1", "--rank", "-1"], "negative"),
+    (["--steps", "1:1", "--rank", "2"], "--rank 2: steps 1-1 ran with 2 data-parallel rank(s)"),
+    (["--find", "nowhere"], "expected SHARD_DIR:ROW"),
+    (["--find", "/elsewhere:3"], "is not one of this run's shard directories"),
+    (["--find-text", "hello"], "add --within A:B"),
+    (["--steps", "1:1", "--decode", "--tokenizer", "/no/such.model"], "--tokenizer /no/such.model: no such file"),
+    ([], "one of the arguments"),
+])
+def test_bad_arguments_exit_2_with_one_line(tmp_path, token_shards, args, message):
+    proc = _cli(_fake_run(tmp_path, token_shards), *args)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_a_run_dir_without_checkpoints_is_refused(tmp_path):
+    proc = _cli(tmp_path, "--steps", "1:1")
+    assert proc.returncode == 2 and "no complete checkpoint" in proc.stderr
+    (tmp_path / "file").write_text("x")
+    proc = _cli(tmp_path / "file", "--steps", "1:1")
+    assert proc.returncode == 2 and "no such run directory" in proc.stderr
+
+
+def test_find_beyond_a_directorys_rows_is_refused(tmp_path, token_shards):
+    replay = RunReplay(_fake_run(tmp_path, token_shards))
+    with pytest.raises(ReplayError, match="has samples 0..47"):
+        replay.find(f"{token_shards}:48")
