@@ -16,6 +16,7 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.60",
         "zstandard>=0.22",
+        "python-hostlist>=2.0",  # SLURM host lists in megamobi.launcher
     ],
     extras_require={
         "convert": ["transformers>=4.45", "gguf>=0.10", "protobuf>=4"],

@@ -11,7 +11,6 @@ so an impossible setting fails in a second with a message that says what to chan
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from megamobi.config_io import ConfigError
@@ -46,11 +45,12 @@ def quiet_known_noise() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from megamobi.data import DataError
+    from megamobi.distributed import launch_world_size
     from megamobi.training.data_stream import RunData
     from megamobi.training.run_config import load_run_config
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
+        world_size = launch_world_size()  # WORLD_SIZE, or SLURM's variables when srun started this rank
         run = load_run_config(args.config, args.overrides)
         run.validate(world_size=world_size)
         # Open the shards now (headers only): a damaged shard or an unknown source weight fails here.
@@ -73,15 +73,23 @@ def main(argv: list[str] | None = None) -> int:
     from megamobi.training.loop import NonFiniteLossError, Trainer
 
     quiet_known_noise()
-    init_distributed()
     try:
-        Trainer(run, data=data).train()
+        init_distributed(rendezvous_timeout=run.launch.rendezvous_timeout_s)  # RendezvousError: exit 2
+        trainer = Trainer(run, data=data)
+        trainer.train()
     except (ConfigError, DataError) as err:  # DataError: e.g. the loader's token-id guard
         print(f"megamobi: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:
         print(f"megamobi: error: {err}", file=sys.stderr)
         return 3
+    if trainer.stopped_by:  # a signal (SLURM's time-limit warning, scancel) stopped it after a clean save
+        from megamobi.training.early_stop import finish_early_stop
+        from megamobi.training.launch_config import requeue_enabled
+
+        return finish_early_stop(signal_name=trainer.stopped_by, step=trainer.state.step,
+                                 checkpoint=trainer.last_checkpoint, requeue=requeue_enabled(run.launch),
+                                 is_rank0=trainer.rank == 0)
     return 0
 
 

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from megamobi.checkpointing.manifest import verify_checkpoint, write_manifest
 from megamobi.files import write_json_atomic
 from megamobi.model_config import ModelConfig
+from megamobi.training.early_stop import slow_save_for_tests
 
 CHECKPOINTS = "checkpoints"
 DEEPSPEED_DIR = "deepspeed"
@@ -119,6 +120,7 @@ def save_checkpoint(*, run_dir: Path, engine, state: TrainerState, model_config:
     _barrier()
     engine.save_checkpoint(str(partial / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
     write_portable_state(partial)
+    slow_save_for_tests()  # MEGAMOBI_TEST_SAVE_DELAY_S: a signal can arrive while a checkpoint is written
     write_json_atomic(partial / "rng" / f"rank{rank:05d}.json", rng_state())
     _barrier()
     if rank == 0:

@@ -85,6 +85,8 @@ class Trainer:
         self.rank = dist.get_rank()
         self.total_steps = run.total_steps
         self.preempted = PreemptionFlag()
+        self.stopped_by: str | None = None  # the signal that stopped the run early (after a save)
+        self.last_checkpoint: Path | None = None
 
         resume_from = self._find_resume_checkpoint()
         check_trainer_start(run, resume_from=resume_from)  # the checkpoint holds this model; the batch fits
@@ -270,6 +272,7 @@ class Trainer:
             if due or stop_signal or state.step == self.total_steps:
                 self.save()
             if stop_signal:
+                self.stopped_by = stop_signal
                 self.logger.info(f"{stop_signal} received: saved a checkpoint at step {state.step}; "
                                  "re-run the same command to continue")
                 break
@@ -277,10 +280,12 @@ class Trainer:
         return state
 
     def _agreed_preemption(self) -> str | None:
-        """All ranks stop together if any rank was signalled (SLURM may signal only some)."""
-        flag = torch.tensor([1.0 if self.preempted.signal_name else 0.0], device=self.device)
+        """All ranks stop together if any rank was signalled (SLURM may signal only some). SIGTERM (a
+        cancel) wins over SIGUSR1 (the time-limit warning, after which the job requeues itself)."""
+        codes = {None: 0.0, "SIGUSR1": 1.0, "SIGTERM": 2.0}
+        flag = torch.tensor([codes[self.preempted.signal_name]], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return (self.preempted.signal_name or "a signal on another rank") if flag.item() else None
+        return {1.0: "SIGUSR1", 2.0: "SIGTERM"}.get(flag.item())
 
     def _log_step(self, *, loss: float, lr: float, grad_norm: float | None, step_time: float) -> None:
         tokens_per_s = self.run.tokens_per_step / step_time / dist.get_world_size()
@@ -343,6 +348,7 @@ class Trainer:
             })
         self.logger.info(f"saved checkpoint {path}")
         return path
+        self.last_checkpoint = path
 
 
 def _truncate_metrics(path: Path, *, after_step: int) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from megamobi.config_io import ConfigError, apply_overrides, from_dict, read_yaml
 from megamobi.model_config import ModelConfig, load_model_config, resolve_model_config_path
+from megamobi.training.launch_config import LaunchConfig
 
 SAMPLE_TOKENS = 2049  # every shard sample: 2048 inputs + 1 shifted label (Amber's windows)
 
@@ -110,6 +111,7 @@ class RunConfig:
     precision: Literal["bf16", "fp32"] = "bf16"
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    launch: LaunchConfig = dataclasses.field(default_factory=LaunchConfig)  # requeue on SLURM's warning, rendezvous timeout
     deepspeed: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra ds_config keys, passed through
 
     @property
@@ -175,6 +177,7 @@ class RunConfig:
             raise ConfigError("train.log_interval and train.max_bad_steps must be positive")
         from megamobi.kernels.plan import validate_kernel_options
 
+        self.launch.validate()
         validate_kernel_options(kernels=t.kernels, compile=t.compile, compile_backend=t.compile_backend,
                                 tensor=self.parallel.tensor, pipeline=self.parallel.pipeline,
                                 zero_stage=self.parallel.zero_stage)

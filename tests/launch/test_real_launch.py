@@ -1,0 +1,115 @@
+"""Real launches on this machine, as users type them: the `deepspeed` CLI running launch/pretrain.sh
+as Python on 2 CPU ranks, and `bash launch/pretrain.sh` stopped by SIGTERM in the middle of a
+deliberately slow checkpoint save (longer than DeepSpeed's 30 s grace): the save finishes."""
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from multiproc import free_port, run_ranks
+from run_yaml import write_run_yaml
+
+from megamobi.checkpointing.manifest import verify_checkpoint
+from megamobi.exit_codes import STOPPED_AFTER_SAVE
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+
+
+def _env(**extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MEGAMOBI_", "NPROC", "MASTER_"))}
+    env.update(PYTHON=sys.executable, PATH=f"{VENV_BIN}:{env.get('PATH', '')}", OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def _relative_run(tmp_path: Path, token_shards: Path, **train) -> Path:
+    """A run config whose run_dir and data.paths are relative: they must resolve from the user's directory."""
+    from launch_runs import make_small_run
+
+    shutil.copytree(token_shards, tmp_path / "shards")
+    run = make_small_run(tmp_path / "run", tmp_path / "shards", global_batch=8)
+    run = dataclasses.replace(run, run_dir="run", data=dataclasses.replace(run.data, paths=["shards"]),
+                              train=dataclasses.replace(run.train, **train))
+    return write_run_yaml(tmp_path / "run.yaml", run)
+
+
+def _reference_losses(run_yaml: Path, cwd: Path, steps: int) -> list[float]:
+    """The same run on this machine through the fork harness (2 ranks, same layout): bitwise equal."""
+    return run_ranks(_train_reference, world_size=2, args=(str(run_yaml), str(cwd), steps))[0]
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in line]
+
+
+def _train_reference(rank, run_yaml, cwd, steps):
+    from megamobi.training.loop import Trainer
+    from megamobi.training.run_config import load_run_config
+
+    run = load_run_config(run_yaml, [f"run_dir={cwd}/reference", f"data.paths=[{cwd}/shards]", f"train.steps={steps}"])
+    Trainer(run).train()
+    return train_losses(Path(cwd) / "reference") if rank == 0 else None
+
+
+def test_deepspeed_cli_runs_launch_script_on_two_ranks(tmp_path, token_shards):
+    """`deepspeed --num_gpus 2 launch/pretrain.sh RUN.yaml overrides`: DeepSpeed starts
+    `python -u launch/pretrain.sh --local_rank=K ...`, which runs megamobi.pretrain; relative paths
+    resolve from the directory the user ran it in."""
+    run_yaml = _relative_run(tmp_path, token_shards)
+    port = free_port()
+    out = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(port), str(REPO / "launch/pretrain.sh"),
+                          "run.yaml", "train.steps=4"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "layout T=1 P=1 D=2" in out.stdout + out.stderr
+    losses = train_losses(tmp_path / "run")
+    assert len(losses) == 4
+    assert losses == _reference_losses(run_yaml, tmp_path, steps=4)
+
+
+def test_python_half_of_the_launch_script(tmp_path, token_shards):
+    run_yaml = _relative_run(tmp_path, token_shards)
+    out = subprocess.run([sys.executable, str(REPO / "launch/pretrain.sh"), "--local_rank=0", "run.yaml",
+                          "--check-only"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"{run_yaml.name} is valid for 1 process(es)" in out.stdout
+    out = subprocess.run([sys.executable, str(REPO / "launch/pretrain.sh")], env=_env(), capture_output=True, text=True)
+    assert out.returncode == 2 and "usage: deepspeed" in out.stderr
+    out = subprocess.run(["bash", str(REPO / "launch/pretrain.sh"), "--help"], env=_env(), capture_output=True, text=True)
+    assert out.returncode == 0 and "sbatch launch/pretrain.sh" in out.stdout
+
+
+def test_sigterm_during_a_slow_save_lets_the_save_finish(tmp_path, token_shards):
+    """SIGTERM to `bash launch/pretrain.sh` (what a terminal, a container runtime or a scheduler sends):
+    the ranks save, and the launcher waits however long that takes (here 32 s, past the 30 s after
+    which DeepSpeed's own launcher would SIGKILL them). Exit status 75 and a last line that says so."""
+    _relative_run(tmp_path, token_shards, steps=100000)
+    delay = 32
+    proc = subprocess.Popen(["bash", str(REPO / "launch/pretrain.sh"), "run.yaml"], cwd=tmp_path,
+                            env=_env(NPROC_PER_NODE="2", MASTER_PORT=str(free_port()),
+                                     MEGAMOBI_TEST_SAVE_DELAY_S=str(delay)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == STOPPED_AFTER_SAVE, output[-3000:]
+    assert time.monotonic() - signalled > delay  # the slow save really ran, and nothing cut it short
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert "stopped early" in lines[-1] and "exit status 75" in lines[-1], lines[-3:]
+    assert any("stopped early by SIGTERM at step" in line for line in lines)
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert len(checkpoints) == 1 and verify_checkpoint(checkpoints[0]) == []
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == checkpoints[0].name
+    assert not list((tmp_path / "run" / "checkpoints").glob(".step_*.partial"))
