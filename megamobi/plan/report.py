@@ -1,0 +1,141 @@
+"""Printing a plan: the table, JSON lines, and the comparison with a finished run's metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from megamobi.config_io import ConfigError
+from megamobi.model import flops_per_token, parameter_counts
+from megamobi.plan.catalogue import GPU
+from megamobi.plan.memory import FRAGMENTATION, FRAMEWORK_ALLOWANCE_GIB, GIB
+from megamobi.plan.planner import Candidate, Plan, paper_comparison
+from megamobi.plan.timing import COMM_EFFICIENCY
+from megamobi.training.run_config import RunConfig
+
+HEADER = (" #   T  P    D micro ZeRO ckpt SP | params  grads  optim  activ  other  total GiB | "
+          "step s  tok/s/GPU      tok/s")
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def row(i: int | str, c: Candidate) -> str:
+    lay, m = c.layout, c.memory.gib()
+    return (f"{i!s:>2} {lay.tensor:>3} {lay.pipeline:>2} {lay.data:>4} {lay.micro_batch:>5} {lay.zero_stage:>4} "
+            f"{lay.activation_checkpointing[:4]:>4} {_yes(lay.sequence_parallel):>3} | {m['params']:>6.1f} "
+            f"{m['grads']:>6.1f} {m['optimizer']:>6.1f} {m['activations']:>6.1f} {m['other']:>6.1f} "
+            f"{m['total']:>6.1f}     | {c.time.step_s:>6.3f} {c.tokens_per_s_per_gpu:>10,.0f} {c.tokens_per_s:>10,.0f}")
+
+
+def details(c: Candidate) -> list[str]:
+    items = ", ".join(f"{k} {v / GIB:.2f}" for k, v in c.memory.items.items())
+    parts = ", ".join(f"{k} {v:.3f}" for k, v in c.time.parts.items())
+    return [f"      memory (GiB, stage {c.memory.stage}): {items}; shared FFN replica's share of the static part "
+            f"{c.memory.shared_ffn / GIB:.2f}",
+            f"      step (s): {parts}"]
+
+
+def breaking(c: Candidate, gpu: GPU) -> str:
+    name, value = c.memory.largest_item()
+    return (f"needs {c.memory.total / GIB:.1f} GiB of {gpu.memory_gib:.1f}: largest item {name} "
+            f"{value / GIB:.1f} GiB")
+
+
+def print_text(run: RunConfig, result: Plan, *, gpu: GPU, nodes: int, gpus_per_node: int, top: int,
+               compute_fraction: float) -> None:
+    cfg, world = run.model_config, nodes * gpus_per_node
+    counts = parameter_counts(cfg)
+    print(f"{cfg.name}: {counts['params_unique'] / 1e9:.3f} B parameters (unique), "
+          f"{flops_per_token(cfg, seq_len=run.batch.seq_len) / 1e9:.2f} GFLOP per token at sequence {run.batch.seq_len} "
+          f"(shared FFN counted in every layer); global batch {run.batch.global_batch_size} x {run.batch.seq_len}, "
+          f"{run.precision}")
+    print(f"cluster: {nodes} x {gpus_per_node} {gpu.name} = {world} GPUs ({gpu.peak_tflops:g} TFLOP/s dense bf16, "
+          f"{gpu.memory_gib:g} GiB, NVLink {gpu.intra_gbps:g} GB/s, InfiniBand {gpu.inter_gbps:g} GB/s per GPU)")
+    print(f"assumptions: compute at {compute_fraction:.0%} of peak; collectives at {COMM_EFFICIENCY:.0%} of link "
+          f"bandwidth; allowance {FRAMEWORK_ALLOWANCE_GIB} GiB (CUDA context, NCCL) + {FRAGMENTATION:.0%} fragmentation")
+    fitting = [c for c in result.candidates if c.fits]
+    print(f"{len(result.candidates)} layouts accepted by the Trainer's checks, {len(fitting)} fit; "
+          f"{sum(result.refused.values())} refused by them")
+    print(HEADER)
+    for i, c in enumerate(fitting[:top], 1):
+        print(row(i, c))
+    if not fitting:
+        print("  (no layout fits: see below)")
+    print()
+    if result.own is not None:
+        rank = next(i for i, c in enumerate(result.candidates, 1) if c is result.own)
+        print(f"this config's layout (#{rank} of {len(result.candidates)}):")
+        print(row("*", result.own))
+        print("\n".join(details(result.own)))
+        if not result.own.fits:
+            print(f"      does NOT fit: {breaking(result.own, gpu)}")
+        line = paper_comparison(run, result, gpu=gpu)
+        if line:
+            print(f"  {line}")
+    else:
+        print(f"this config's layout is refused on {world} GPUs: {result.own_refusal}")
+    if fitting:
+        print("best:")
+        print("\n".join(details(fitting[0])))
+    too_big = [c for c in result.candidates if not c.fits]
+    if too_big:
+        print(f"\n{len(too_big)} layouts do not fit; the fastest of them:")
+        for c in too_big[:min(top, 5)]:
+            print(row("-", c) + f"  ({breaking(c, gpu)})")
+    if result.refused:
+        print("\nrefused by the Trainer's checks (count, reason):")
+        for reason, n in result.refused.most_common(6):
+            print(f"  {n:>6}  {reason}")
+
+
+def print_json(result: Plan, *, top: int | None) -> None:
+    chosen = result.candidates if top is None else result.candidates[:top]
+    for c in chosen:
+        print(json.dumps(c.to_json()))
+
+
+def read_run_metrics(run_dir: Path) -> dict:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise ConfigError(f"--for-run {run_dir}: no metrics.jsonl there (the Trainer writes it on rank 0 at every log step)")
+    steps = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise ConfigError(f"{path}:{n}: not a JSON line; is this a megamobi run directory?") from None
+        if isinstance(record, dict) and "tokens_per_s" in record and "memory_gb" in record:
+            steps.append(record)
+    if not steps:
+        raise ConfigError(f"{path}: no training-step lines (with tokens_per_s and memory_gb) yet")
+    timed = steps[1:] if len(steps) > 1 else steps  # the first logged interval includes warm-up
+    return {"steps": len(steps), "tokens_per_s": sum(s["tokens_per_s"] for s in timed) / len(timed),
+            "memory_gb": max(s["memory_gb"] for s in steps), "last_step": steps[-1].get("step")}
+
+
+def print_for_run(result: Plan, run_dir: Path, *, as_json: bool) -> None:
+    measured = read_run_metrics(run_dir)
+    own = result.own
+    if own is None:
+        raise ConfigError(f"--for-run: the config's own layout is refused on this cluster ({result.own_refusal}); "
+                          f"give the --nodes / --gpus-per-node the run used")
+    est_mem = own.memory.allocated / GIB
+    out = {"run_dir": str(run_dir), "steps_logged": measured["steps"],
+           "measured_tokens_per_s": round(measured["tokens_per_s"], 1),
+           "estimated_tokens_per_s": round(own.tokens_per_s, 1),
+           "tokens_per_s_ratio": round(measured["tokens_per_s"] / own.tokens_per_s, 3),
+           "measured_peak_memory_gb": round(measured["memory_gb"], 3),
+           "estimated_allocated_gb": round(est_mem, 3),
+           "memory_ratio": round(measured["memory_gb"] / est_mem, 3) if est_mem else None}
+    if as_json:
+        print(json.dumps({"for_run": out}))
+        return
+    print(f"\n--for-run {run_dir} ({measured['steps']} logged steps, last {measured['last_step']}):")
+    print(f"  tokens/s (whole job): measured {out['measured_tokens_per_s']:,.0f}, estimated "
+          f"{out['estimated_tokens_per_s']:,.0f} (measured / estimated {out['tokens_per_s_ratio']:.2f})")
+    print(f"  peak memory of rank 0 (metrics memory_gb): measured {out['measured_peak_memory_gb']:.2f} GiB, "
+          f"estimated allocator peak {out['estimated_allocated_gb']:.2f} GiB (total less the allowance). On a CPU "
+          f"run memory_gb is the process's peak resident size, which also counts Python, torch and DeepSpeed "
+          f"themselves (several hundred MiB)")
