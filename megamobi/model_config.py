@@ -91,4 +91,6 @@ def resolve_model_config_path(name_or_path: str | Path) -> Path:
 
 def load_model_config(name_or_path: str | Path) -> ModelConfig:
     path = resolve_model_config_path(name_or_path)
+    if not path.exists() and Path(name_or_path).is_dir():
+        raise ConfigError(f"{name_or_path}: is a directory; give a model YAML file or a name in configs/")
     return from_dict(ModelConfig, read_yaml(path), where=str(path))

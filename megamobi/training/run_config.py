@@ -161,6 +161,8 @@ class RunConfig:
         if not self.data.paths:
             raise ConfigError("data.paths is empty: give the directories written by data_tools/preprocess_amber.py")
         for path in self.data.paths if check_data else ():
+            if Path(path).is_file():
+                raise ConfigError(f"data.paths: {path} is a file; give the shard directory (the one holding manifest.json)")
             if not (Path(path) / "manifest.json").is_file():
                 raise ConfigError(f"data.paths: {path} has no manifest.json; build it with data_tools/preprocess_amber.py")
         if self.parallel.zero_stage not in (0, 1, 2, 3):

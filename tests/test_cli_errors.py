@@ -1,0 +1,237 @@
+"""Every command answers a user's mistake with exit status 2 and one message naming the argument, file
+or key, never a traceback: a table of such mistakes, driven through the real command-line tools.
+
+Starting a fresh interpreter that imports torch costs 3-4 s here, so each tool's cases run in ONE
+fresh interpreter that calls the tool's `main(argv)` per case (exactly what `python -m ...` does,
+stderr captured, any escaping exception recorded as a traceback), the tools in parallel threads.
+One case per tool also goes through a genuine `python -m` / `python data_tools/...` subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL = {"name": "t", "vocab_size": 512, "hidden_size": 32, "num_layers": 3, "num_attention_heads": 4,
+         "intermediate_size": 48, "max_seq_len": 64}
+
+# Runs the cases of one tool in one interpreter: [(entry "module:function", argv)] on stdin.
+DRIVER = r"""
+import contextlib, importlib, io, json, sys, traceback
+results = []
+for entry, argv in json.load(sys.stdin):
+    module, function = entry.split(":")
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            code = getattr(importlib.import_module(module), function)(argv)
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    results.append({"code": code, "stderr": err.getvalue()})
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, token_shards):
+    """Real inputs to make mistakes with: shards (ids < 512), a checkpoint of a 512-token model, a run
+    directory, tokenizers with 600 and 400 pieces, a valid run config."""
+    import torch
+
+    from megamobi.checkpointing.manifest import write_manifest
+    from megamobi.checkpointing.model_files import write_full_model
+    from megamobi.config_io import from_dict
+    from megamobi.data.tokenizer_training import train_tokenizer
+    from megamobi.model import MobiLlama
+    from megamobi.model_config import ModelConfig
+
+    root = tmp_path_factory.mktemp("cli")
+    config = from_dict(ModelConfig, MODEL, where="test")
+    torch.manual_seed(0)
+    run_dir = root / "run"
+    checkpoint = run_dir / "checkpoints" / "step_0000002"
+    checkpoint.mkdir(parents=True)
+    write_full_model(checkpoint, MobiLlama(config).state_dict())
+    write_manifest(checkpoint, model_config=config, info={"step": 2, "consumed_samples": 16, "consumed_tokens": 512})
+    (run_dir / "checkpoints" / "latest").write_text("step_0000002\n")
+    import argparse
+    import collections
+    import logging
+
+    text = "\n".join(d for m in (argparse, collections, logging) for n in dir(m)
+                     if isinstance(d := getattr(getattr(m, n), "__doc__", None), str)) * 3
+    (root / "corpus.txt").write_text(text.encode("ascii", "ignore").decode())
+    tok600 = train_tokenizer(inputs=[str(root / "corpus.txt")], output_prefix=str(root / "tok600"), vocab_size=600)
+    tok400 = train_tokenizer(inputs=[str(root / "corpus.txt")], output_prefix=str(root / "tok400"), vocab_size=400)
+    run_yaml = root / "run.yaml"
+    run_yaml.write_text(yaml.safe_dump({
+        "run_dir": str(root / "fresh-run"), "model": MODEL, "data": {"paths": [str(token_shards)]},
+        "batch": {"micro_batch_size": 2, "global_batch_size": 8, "seq_len": 32},
+        "optimizer": {"warmup_steps": 1}, "train": {"steps": 4}, "precision": "fp32"}))
+    (root / "bad.yaml").write_text("name: [unclosed\n")
+    (root / "typo.yaml").write_text(yaml.safe_dump({**MODEL, "hiden_size": 32}))
+    (root / "negative.yaml").write_text(yaml.safe_dump({**MODEL, "num_layers": -1}))
+    (root / "empty-stdlib").mkdir()
+    (root / "a-dir").mkdir()
+    return {"root": root, "shards": token_shards, "ckpt": checkpoint, "run_dir": run_dir, "tok600": tok600,
+            "tok400": tok400, "run_yaml": run_yaml}
+
+
+# (tool entry, argv with {placeholders}, text the message must contain). Entries: "module:function".
+PRETRAIN = "megamobi.pretrain:main"
+CASES = [
+    # megamobi.model: config files and values
+    ("megamobi.model:main", ["--config", "no-such-model"], "no-such-model.yaml: config file not found"),
+    ("megamobi.model:main", ["--config", "{root}/bad.yaml"], "bad.yaml:2:1: not valid YAML"),
+    ("megamobi.model:main", ["--config", "{root}/a-dir"], "is a directory"),
+    ("megamobi.model:main", ["--config", "{root}/typo.yaml"], "unknown key(s) 'hiden_size'"),
+    ("megamobi.model:main", ["--config", "{root}/negative.yaml"], "num_layers must be a positive integer"),
+    ("megamobi.model:main", ["--config", "tiny", "--seq-len", "0"], "argument --seq-len: must be > 0"),
+    # megamobi.pretrain --check-only: everything checkable before processes start
+    (PRETRAIN, ["checkpoint.keep_last=-1"], "checkpoint.keep_last -1: must be at least 1"),
+    (PRETRAIN, ["checkpoint.keep_last=0"], "checkpoint.keep_last 0: must be at least 1"),
+    (PRETRAIN, ["checkpoint.keep_last=two"], "checkpoint.keep_last: expected an integer"),
+    (PRETRAIN, ["parallel.partition_method=balanced"], "parallel.partition_method 'balanced' is unknown"),
+    (PRETRAIN, ["parallel.partition_method=type:Nothing"], "matches none of the pipeline pieces"),
+    (PRETRAIN, ["optimizer.betas=[0.9]"], "optimizer.betas: expected a list of 2 values"),
+    (PRETRAIN, ["optimizer.betas=[0.9, 1.5]"], "optimizer.betas [0.9, 1.5]: give two numbers in [0, 1)"),
+    (PRETRAIN, ["deepspeed={train_batch_size: 99}"], "deepspeed.train_batch_size 99 contradicts the run config"),
+    (PRETRAIN, ["deepspeed={gradient_accumulation_steps: 3}"], "deepspeed.gradient_accumulation_steps 3 contradicts"),
+    (PRETRAIN, ["deepspeed={zero_optimization: {stage: 3}}"], "deepspeed.zero_optimization.stage 3 contradicts"),
+    (PRETRAIN, ["deepspeed={bf16: {enabled: true}}"], "deepspeed.bf16.enabled True contradicts"),
+    (PRETRAIN, ["deepspeed={optimizer: {type: Adam}}"], "deepspeed.optimizer: not allowed"),
+    (PRETRAIN, ["train.eval_interval=2"], "data.val_fraction is 0"),
+    (PRETRAIN, ["train.eval_interval=2", "data.val_fraction=0.1", "train.eval_samples=0"], "train.eval_samples is 0"),
+    (PRETRAIN, ["checkpoint.init_from={root}/missing"], "checkpoint.init_from: {root}/missing does not exist"),
+    (PRETRAIN, ["checkpoint.init_from={run_dir}"], "it is a run directory: give one of its checkpoints"),
+    (PRETRAIN, ["checkpoint.init_from={shards}/manifest.json"], "is a file; give a checkpoint directory"),
+    (PRETRAIN, ["model={name: t, hiden_size: 3}"], "unknown key(s) 'hiden_size'"),
+    (PRETRAIN, ["data.paths=[{shards}/manifest.json]"], "manifest.json is a file; give the shard directory"),
+    (PRETRAIN, ["optimizer.lr=[1,"], "override 'optimizer.lr=[1,': the value is not valid YAML"),
+    (PRETRAIN, ["run_dir={run_dir}", "model={model_other}"], "holds a different model: hidden_size 32 (checkpoint) vs 64"),
+    (PRETRAIN, ["run_dir={run_dir}", "batch.global_batch_size=6", "batch.micro_batch_size=1"],
+     "batch.global_batch_size 6 does not divide the 16 samples consumed"),
+    # megamobi.evaluate
+    ("megamobi.evaluate:main", ["--checkpoint", "{run_dir}", "--data", "{shards}"], "it is a run directory"),
+    ("megamobi.evaluate:main", ["--checkpoint", "{ckpt}", "--data", "{shards}", "--samples", "0"], "argument --samples"),
+    ("megamobi.evaluate:main", ["--checkpoint", "{ckpt}", "--data", "{shards}", "--batch", "0"], "argument --batch"),
+    ("megamobi.evaluate:main", ["--checkpoint", "{ckpt}", "--data", "{shards}/manifest.json"], "is a file; give the shard"),
+    ("megamobi.evaluate:main", ["--checkpoint", "{ckpt}", "--data", "{shards}", "--seq-len", "48"], "--seq-len 48 must divide"),
+    ("megamobi.evaluate:main", ["--checkpoint", "{ckpt}", "--data", "{shards}", "--seq-len", "128"], "longer than the model's"),
+    ("megamobi.evaluate:main", ["--checkpoint", "{ckpt}", "--split", "val"], "--split val: "),
+    ("megamobi.evaluate:main", ["--checkpoint", "{ckpt}", "--data", "{shards}", "--device", "toaster"], "--device 'toaster'"),
+    # megamobi.generate
+    ("megamobi.generate:main", ["--checkpoint", "{ckpt}", "--tokenizer", "{root}/none.model"], "--tokenizer {root}/none.model: file not found"),
+    ("megamobi.generate:main", ["--checkpoint", "{ckpt}", "--tokenizer", "{shards}/manifest.json"], "not a SentencePiece model"),
+    ("megamobi.generate:main", ["--checkpoint", "{ckpt}", "--tokenizer", "{tok600}"], "600 tokens, more than the vocab_size 512"),
+    ("megamobi.generate:main", ["--checkpoint", "{shards}", "--tokenizer", "{tok400}"], "has no megamobi.json"),
+    ("megamobi.generate:main", ["--checkpoint", "{ckpt}", "--tokenizer", "{tok400}", "--top-k", "0"], "argument --top-k"),
+    ("megamobi.generate:main", ["--checkpoint", "{ckpt}", "--tokenizer", "{tok400}", "--temperature", "-1"], "argument --temperature"),
+    ("megamobi.generate:main", ["--checkpoint", "{ckpt}", "--tokenizer", "{tok400}", "--prompt", ""], "argument --prompt"),
+    ("megamobi.generate:main", ["--checkpoint", "{ckpt}", "--tokenizer", "{tok400}", "--max-new-tokens", "0"], "--max-new-tokens"),
+    # megamobi.checkpoints
+    ("megamobi.checkpoints:main", ["{ckpt}"], "it is a checkpoint: give its run directory"),
+    ("megamobi.checkpoints:main", ["{root}/nowhere"], "has no checkpoints/ directory"),
+    # megamobi.convert
+    ("megamobi.convert.__main__:main", ["to-gguf", "--checkpoint", "{ckpt}", "--output", "{root}/a-dir", "--overwrite"], "is a directory"),
+    ("megamobi.convert.__main__:main", ["from-hf", "--model", "{root}/a-dir", "--output", "{ckpt}"], "pass --overwrite"),
+    ("megamobi.convert.__main__:main", ["from-hf", "--model", "{root}/a-dir", "--output", "{shards}"], "not an empty directory"),
+    ("megamobi.convert.__main__:main", ["to-hf", "--checkpoint", "{run_dir}", "--output", "{root}/hf"], "{run_dir}"),
+    # data_tools
+    ("megamobi.data.cli:preprocess_main", ["--input", "{root}/corpus.txt", "--output", "{root}/corpus.txt"], "--output {root}/corpus.txt: is a file"),
+    ("megamobi.data.cli:preprocess_main", ["--input", "x", "--output", "{root}/o", "--chunk-mb", "0"], "argument --chunk-mb"),
+    ("megamobi.data.cli:preprocess_main", ["--input", "x", "--output", "{root}/o", "--workers", "0"], "argument --workers"),
+    ("megamobi.data.cli:preprocess_main", ["--input", "x", "--output", "{root}/o", "--samples-per-shard", "-1"], "argument --samples-per-shard"),
+    ("megamobi.data.cli:inspect_main", ["{shards}/manifest.json"], "is a file; give the shard directory"),
+    ("megamobi.data.cli:inspect_main", ["{shards}", "--tokenizer", "{shards}/manifest.json"], "not a SentencePiece model"),
+    ("megamobi.data.cli:inspect_main", ["{shards}", "--show", "0", "--tokenizer", "{tok400}"], "not the tokenizer these shards"),
+    ("megamobi.data.cli:train_tokenizer_main", ["--input", "{root}/corpus.txt", "--output", "{root}/toks/"], "--output {root}/toks/: is a directory"),
+    ("megamobi.data.cli:train_tokenizer_main", ["--input", "{root}/corpus.txt", "--output", "{root}/t", "--vocab-size", "0"], "argument --vocab-size"),
+]
+# The same mistakes through a genuine command line, one per tool (the table above calls main()).
+SUBPROCESS_CASES = [
+    (["-m", "megamobi.model", "--config", "{root}/typo.yaml"], "hiden_size"),
+    (["-m", "megamobi.pretrain", "--check-only", "--config", "{run_yaml}", "checkpoint.keep_last=-1"], "checkpoint.keep_last"),
+    (["-m", "megamobi.evaluate", "--checkpoint", "{ckpt}", "--data", "{shards}", "--seq-len", "48"], "--seq-len 48"),
+    (["-m", "megamobi.generate", "--checkpoint", "{ckpt}", "--tokenizer", "{root}/none.model"], "--tokenizer"),
+    (["-m", "megamobi.checkpoints", "{ckpt}"], "it is a checkpoint"),
+    (["-m", "megamobi.convert", "to-gguf", "--checkpoint", "{ckpt}", "--output", "{root}/a-dir", "--overwrite"], "is a directory"),
+    (["data_tools/preprocess_amber.py", "--input", "x", "--output", "{root}/o", "--chunk-mb", "0"], "--chunk-mb"),
+    (["data_tools/inspect_shards.py", "{shards}/manifest.json"], "is a file"),
+    (["data_tools/train_tokenizer.py", "--input", "{root}/corpus.txt", "--output", "{root}/toks/"], "--output"),
+    (["data_tools/stdlib_docs_corpus.py", "--output", "{root}/docs.jsonl", "--stdlib", "{root}/empty-stdlib"], "--stdlib"),
+]
+
+
+def _fill(text: str, world: dict) -> str:
+    """Replace {name} for the fixture's paths only (YAML braces in overrides stay as they are)."""
+    for key, value in {**world, "model_other": json.dumps({**MODEL, "hidden_size": 64})}.items():
+        text = text.replace("{" + key + "}", str(value))
+    return text
+
+
+def _argv(entry: str, argv: list[str], world: dict) -> list[str]:
+    argv = [_fill(a, world) for a in argv]
+    if entry == PRETRAIN:  # config mistakes as overrides of a valid run config
+        return ["--check-only", "--config", str(world["run_yaml"]), *argv]
+    return argv
+
+
+def _run_driver(cases: list[tuple[str, list[str]]]) -> list[dict]:
+    proc = subprocess.run([sys.executable, "-c", DRIVER], input=json.dumps(cases), cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300, env={**_env(), "WORLD_SIZE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def _env() -> dict:
+    import os
+
+    return {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+
+
+@pytest.fixture(scope="module")
+def outcomes(world):
+    """{case index: result} for CASES, one interpreter per tool, the tools in parallel."""
+    by_tool: dict[str, list[int]] = {}
+    for i, (entry, _, _) in enumerate(CASES):
+        by_tool.setdefault(entry.split(":")[0], []).append(i)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = {tool: pool.submit(_run_driver, [(CASES[i][0], _argv(CASES[i][0], CASES[i][1], world)) for i in idx])
+                   for tool, idx in by_tool.items()}
+        return {i: result for tool, idx in by_tool.items() for i, result in zip(idx, futures[tool].result())}
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{c[0].split(':')[0].split('.')[-1]}-{' '.join(c[1])[:40]}"
+                                                          for c in CASES])
+def test_user_mistake_exits_2_naming_it(index, outcomes, world):
+    expected = CASES[index][2]
+    result = outcomes[index]
+    assert "Traceback" not in result["stderr"], result["stderr"]
+    assert result["code"] == 2, result["stderr"]
+    assert _fill(expected, world) in result["stderr"], result["stderr"]
+
+
+def test_through_the_real_command_lines(world):
+    def run(case):
+        argv, expected = case
+        return subprocess.run([sys.executable, *[_fill(a, world) for a in argv]], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=300, env=_env()), _fill(expected, world)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for proc, expected in pool.map(run, SUBPROCESS_CASES):
+            assert proc.returncode == 2 and "Traceback" not in proc.stderr and expected in proc.stderr, proc.stderr
+    # No half-written or hidden outputs were left behind by the refused commands.
+    root = world["root"]
+    assert not list(root.glob("*.tmp")) and not (root / "docs.jsonl").exists()
+    assert not (root / "toks").exists() and not list(root.glob(".model"))
