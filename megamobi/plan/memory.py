@@ -32,8 +32,12 @@ sequence, b micro batch, h hidden, i FFN size, T tensor parallel):
     outside the layers  12 e sbh (embedding output, final norm, head input)
 
 A pipeline stage keeps min(P - stage, micro batches) micro batches in flight (1F1B); stage 0 the most.
-Logits and loss: the [s b V/T] logits in the run's dtype, their fp32 copy and log-softmax, and the
-same again as gradients in backward: 2 (4 + e) sbV / T on the last stage.
+Logits and loss (last stage). Full logits (tensor or pipeline parallel, ZeRO-3, or train.kernels:
+plain; megamobi.kernels.plan.full_logits_reason decides, as in the Trainer): the [s b V/T] logits in
+the run's dtype, their fp32 copy and log-softmax, and the same again as gradients in backward,
+2 (4 + e) sbV / T. Otherwise the chunked (or liger) linear + cross entropy: one chunk of logits
+(dtype, fp32 and gradient), the stored input gradient and the fp32 weight gradient with its scaled copy:
+chunk V (2e + 4) + e sbh + (8 + e) V h.
 """
 
 from __future__ import annotations
@@ -143,9 +147,21 @@ def layer_activation_bytes(config: ModelConfig, *, seq: int, micro: int, tensor:
     return attention + mlp, 0.0
 
 
+def logits_bytes(config: ModelConfig, *, tokens: int, tensor: int, e: float, full_logits: bool) -> float:
+    """Loss-side buffers of one micro batch (see the module docstring)."""
+    v, h = config.vocab_size, config.hidden_size
+    if full_logits:
+        return 2 * (4 + e) * tokens * (-(-v // tensor))
+    from megamobi.kernels.loss import default_chunk_tokens
+
+    chunk = min(tokens, default_chunk_tokens(tokens=tokens, hidden=h, vocab=v))
+    return chunk * v * (2 * e + 4) + e * tokens * h + (8 + e) * v * h
+
+
 def estimate_stage_memory(config: ModelConfig, stage: Stage, *, pipeline: int, data: int, tensor: int,
                           micro_batch: int, micro_batches: int, seq: int, precision: str, zero_stage: int,
-                          activation_checkpointing: str, sequence_parallel: bool, ds_extra: dict) -> MemoryEstimate:
+                          activation_checkpointing: str, sequence_parallel: bool, ds_extra: dict,
+                          full_logits: bool = True) -> MemoryEstimate:
     e = 2.0 if precision == "bf16" else 4.0
     static = static_bytes(stage, precision=precision, zero_stage=zero_stage, data=data, ds_extra=ds_extra)
     sbh = seq * micro_batch * config.hidden_size
@@ -157,7 +173,8 @@ def estimate_stage_memory(config: ModelConfig, stage: Stage, *, pipeline: int, d
     outside = 12 * e * sbh / sp_div if (stage.has_embedding or stage.has_head) else 0.0
     in_flight = min(pipeline - stage.index, micro_batches)
     activations = in_flight * (stage.decoder_layers * per_layer + outside) + recompute
-    logits = 2 * (4 + e) * seq * micro_batch * (-(-config.vocab_size // tensor)) if stage.has_head else 0.0
+    logits = logits_bytes(config, tokens=seq * micro_batch, tensor=tensor, e=e, full_logits=full_logits) \
+        if stage.has_head else 0.0
     buffers = 2 * config.max_seq_len * config.head_dim * 4.0  # rotary cos/sin tables (fp32)
     allocated = static["params"] + static["grads"] + static["optimizer"] + activations + logits + static["comm_buffers"] + buffers
     allowance = FRAMEWORK_ALLOWANCE_GIB * GIB + FRAGMENTATION * allocated

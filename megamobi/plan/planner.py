@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 
+from megamobi.kernels.plan import full_logits_reason
 from megamobi.plan.catalogue import GPU
 from megamobi.plan.inventory import stages
 from megamobi.plan.layouts import Layout, enumerate_layouts, own_layout, refusal
@@ -47,7 +48,10 @@ def evaluate(run: RunConfig, layout: Layout, *, gpu: GPU, gpus_per_node: int,
               "micro_batch": layout.micro_batch, "micro_batches": micro_batches, "seq": run.batch.seq_len,
               "precision": run.precision, "zero_stage": layout.zero_stage,
               "activation_checkpointing": layout.activation_checkpointing, "ds_extra": run.deepspeed}
-    memory = max((estimate_stage_memory(cfg, st, sequence_parallel=layout.sequence_parallel, **common)
+    full_logits = bool(full_logits_reason(mode=run.train.kernels, tensor=layout.tensor, pipeline=layout.pipeline,
+                                          zero_stage=layout.zero_stage))
+    memory = max((estimate_stage_memory(cfg, st, sequence_parallel=layout.sequence_parallel, full_logits=full_logits,
+                                        **common)
                   for st in stage_list), key=lambda m: m.total)
     del common["micro_batch"]
     time = estimate_step(cfg, list(stage_list), gpu=gpu, gpus_per_node=gpus_per_node, micro_batch=layout.micro_batch,
