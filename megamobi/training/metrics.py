@@ -23,6 +23,8 @@ def _si(value: float) -> str:
 
 
 def memory_gb() -> float:
+    """This rank's peak memory in GiB: the CUDA allocator's peak (torch.cuda.max_memory_allocated, no
+    CUDA context / NCCL buffers) on a GPU, the process's peak resident size on CPU. Logged by rank 0."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
