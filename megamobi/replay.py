@@ -2,8 +2,8 @@
 
     python -m megamobi.replay RUN_DIR --steps 5:7 [--rank 0] [--decode [--tokenizer SP.model]] [--json]
     python -m megamobi.replay RUN_DIR --find SHARD_DIR:ROW      (or SHARD.bin:ROW)
-    python -m megamobi.replay RUN_DIR --find-text "def main" --steps 1:300
-    python -m megamobi.replay RUN_DIR --mix 1:300 [--json]
+    python -m megamobi.replay RUN_DIR --find-text "def main" --within 1:300
+    python -m megamobi.replay RUN_DIR --mix 1:300 [--json]      (or --mix step_0000100:step_0000200)
 
 Steps count from 1, as logged; ranks are data-parallel ranks. The run's data config, layout and
 position come from its checkpoints (megamobi.json); the shards must be the ones it trained on.
@@ -23,11 +23,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _step_range(text: str) -> tuple[int, int]:
+    """A:B, steps counted from 1 as logged; checkpoint names mean what lies between them:
+    step_0000100:step_0000200 is steps 101..200 (what checkpoint 200 trained on since checkpoint 100)."""
     first, sep, last = text.partition(":")
     try:
-        a, b = int(first), int(last if sep else first)
+        a = int(first[5:]) + 1 if first.startswith("step_") else int(first)
+        last = last if sep else first
+        b = int(last[5:]) if last.startswith("step_") else int(last)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not A:B (two optimizer steps, e.g. 1:100)") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not A:B (two optimizer steps, e.g. 1:100, or two checkpoint "
+                                         "names, e.g. step_0000100:step_0000200)") from None
     if a < 1 or b < a:
         raise argparse.ArgumentTypeError(f"{text!r}: need 1 <= A <= B (steps count from 1)")
     return a, b
@@ -63,6 +68,8 @@ def parse_args(argv):
         parser.error("--find-text searches a bounded range: add --within A:B (optimizer steps)")
     if args.find_text is not None and not args.find_text.strip():
         parser.error("--find-text: give a non-empty text")
+    if args.within is not None and args.find_text is None:
+        parser.error("--within bounds --find-text; use --steps A:B to list steps")
     if args.rank is not None and args.steps is None and args.find_text is None:
         parser.error("--rank applies to --steps and --find-text")
     if args.tokenizer is not None and not args.tokenizer.is_file():

@@ -213,8 +213,9 @@ class TrainOrder:
         shard, row = self.base.locate(base_index)
         return self.base.bin_paths[shard], row
 
-    def base_index_of(self, location: str) -> int:
-        """SHARD_DIR:ROW (the ROW-th sample of that directory) or SHARD.bin:ROW -> base index."""
+    def base_index_of(self, location: str) -> int | None:
+        """SHARD_DIR:ROW (the ROW-th sample of that directory) or SHARD.bin:ROW -> base index; None when
+        that directory or file is not part of this data config."""
         path, _, row_text = location.rpartition(":")
         try:
             row = int(row_text)
@@ -228,16 +229,13 @@ class TrainOrder:
                     if not 0 <= row < n:
                         raise ReplayError(f"--find {location}: {target} has rows 0..{n - 1}")
                     return int(self.base._offsets[shard]) + row
-            raise ReplayError(f"--find {location}: {target} is not a shard of this run's data {self.segment_paths()}")
+            return None
         for directory, (first, count) in self.base.directory_starts.items():
             if _same_file(Path(directory), target):
                 if not 0 <= row < count:
                     raise ReplayError(f"--find {location}: {directory} has samples 0..{count - 1}")
                 return first + row
-        raise ReplayError(f"--find {location}: {target} is not one of this run's shard directories {self.segment_paths()}")
-
-    def segment_paths(self) -> list[str]:
-        return list(self.base.directory_starts)
+        return None
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -338,6 +336,8 @@ class RunReplay:
         for segment in self.segments:
             order = self.order(segment)
             base = order.base_index_of(location)
+            if base is None:
+                continue  # a segment trained on other directories (a change allowed with data.allow_change)
             shard, row = order.locate(base)
             if answer is None:
                 answer = {"sample_index": base, "shard": str(shard), "row": row,
@@ -351,6 +351,9 @@ class RunReplay:
                 r, in_rank = divmod(within, segment.global_batch_size // segment.data_parallel_size)
                 answer["consumed"].append({"step": segment.first_step + step_index, "rank": r,
                                            "micro_batch": in_rank // segment.micro_batch_size, "offset": offset})
+        if answer is None:
+            paths = sorted({p for segment in self.segments for p in segment.data["paths"]})
+            raise ReplayError(f"--find {location}: not a shard directory or .bin file of this run's data {paths}")
         answer["consumed"].sort(key=lambda hit: (hit["step"], hit["rank"], hit["micro_batch"], hit["offset"]))
         return answer
 

@@ -89,6 +89,8 @@ def test_mix_adds_up_to_the_consumed_tokens(tmp_path, token_shards):
     for seq in replay.sequences(1, 50):
         counted[seq.source] += len(seq.tokens) - 1
     assert {n: e["tokens"] for n, e in mix["sources"].items() if e["tokens"]} == dict(counted)
+    between = json.loads(_cli(replay.run_dir, "--mix", "step_0000020:step_0000040", "--json").stdout)
+    assert (between["first_step"], between["last_step"], between["tokens"]) == (21, 40, 20 * 8 * 1024)
     blended = replay.mix(1, 40)
     assert blended["blend"] == "weights" and blended["sources"]["arxiv"]["configured"] == 0.75
     assert abs(blended["sources"]["arxiv"]["share"] - 0.75) < 0.1
@@ -124,8 +126,11 @@ def test_changed_shards_are_refused(tmp_path, token_shards):
     (["--steps", "1:1", "--rank", "-1"], "negative"),
     (["--steps", "1:1", "--rank", "2"], "--rank 2: steps 1-1 ran with 2 data-parallel rank(s)"),
     (["--find", "nowhere"], "expected SHARD_DIR:ROW"),
-    (["--find", "/elsewhere:3"], "is not one of this run's shard directories"),
+    (["--find", "/elsewhere:3"], "not a shard directory or .bin file of this run"),
     (["--find-text", "hello"], "add --within A:B"),
+    (["--mix", "1:2", "--within", "1:2"], "--within bounds --find-text"),
+    (["--mix", "1:2", "--rank", "0"], "--rank applies to --steps and --find-text"),
+    (["--find-text", " ", "--within", "1:2"], "give a non-empty text"),
     (["--steps", "1:1", "--decode", "--tokenizer", "/no/such.model"], "--tokenizer /no/such.model: no such file"),
     ([], "one of the arguments"),
 ])
@@ -147,3 +152,56 @@ def test_find_beyond_a_directorys_rows_is_refused(tmp_path, token_shards):
     replay = RunReplay(_fake_run(tmp_path, token_shards))
     with pytest.raises(ReplayError, match="has samples 0..47"):
         replay.find(f"{token_shards}:48")
+
+
+def test_find_text_and_decode_on_text_shards(tmp_path, docs, tokenizer_path):
+    """Text shards with their tokenizer recorded: --find-text lists exactly the sequences whose decoded
+    text holds the phrase (checked against decoding every listed sequence), --decode prints the text."""
+    import sentencepiece
+
+    from megamobi.data.preprocess import PreprocessOptions, preprocess
+
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    shards = tmp_path / "text_shards"
+    preprocess(PreprocessOptions(inputs=[str(corpus)], output=str(shards), input_format="text",
+                                 tokenizer=str(tokenizer_path), samples_per_shard=8, progress=False))
+    segment = _segment(1, 6, 0, shards=shards, d=2, mb=2, seq_len=256)
+    segment["data"]["val_fraction"] = 0.0
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_0000006"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "megamobi.json").write_text(json.dumps({"step": 6, "consumed_samples": 48, "data_provenance": [segment]}))
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_path))
+    listing = [json.loads(line) for line in _cli(tmp_path / "run", "--steps", "1:6", "--json").stdout.splitlines()]
+    texts = [sp.decode(r["tokens"]) for r in listing]
+    phrase = " the "
+    expected = [(r["step"], r["rank"], r["micro_batch"], r["sample_index"], r["offset"])
+                for r, text in zip(listing, texts) if phrase in text]
+    assert expected  # the phrase is common English: some sequences hold it
+    proc = _cli(tmp_path / "run", "--find-text", phrase, "--within", "1:6", "--json")  # tokenizer from the manifest
+    assert proc.returncode == 0, proc.stderr
+    found = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [(r["step"], r["rank"], r["micro_batch"], r["sample_index"], r["offset"]) for r in found] == expected
+    decoded = _cli(tmp_path / "run", "--steps", "2:2", "--rank", "1", "--decode", "--tokenizer", tokenizer_path).stdout
+    assert repr(texts[next(i for i, r in enumerate(listing) if r["step"] == 2 and r["rank"] == 1)]) in decoded
+
+
+def test_checkpoints_without_a_recorded_history_are_read_as_a_chain(tmp_path, token_shards):
+    """Checkpoints written before data_provenance existed: each covers the steps since the previous one,
+    with its own recorded layout and run config."""
+    from megamobi.data.replay import checkpoint_segments, read_checkpoint_manifests
+
+    run_config = {"data": {"paths": [str(token_shards)], "source_weights": None, "val_fraction": 0.1, "seed": 3},
+                  "batch": {"micro_batch_size": 2, "global_batch_size": 8, "seq_len": 1024}}
+    for step, d in ((4, 2), (8, 2), (12, 1)):
+        checkpoint = tmp_path / "run" / "checkpoints" / f"step_{step:07d}"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "megamobi.json").write_text(json.dumps({
+            "step": step, "consumed_samples": 8 * step, "layout": {"tensor": 1, "pipeline": 1, "data": d, "zero_stage": 1},
+            "run_config": run_config, "data_manifests": {str(token_shards): sha256_file(token_shards / "manifest.json")}}))
+    _, manifest = read_checkpoint_manifests(tmp_path / "run")[-1]
+    segments = checkpoint_segments(tmp_path / "run", manifest)
+    assert [(s.first_step, s.last_step, s.consumed_samples_before, s.data_parallel_size) for s in segments] == [
+        (1, 8, 0, 2), (9, 12, 64, 1)]
+    replay = RunReplay(tmp_path / "run")
+    assert {s.rank for s in replay.sequences(8, 8)} == {0, 1} and {s.rank for s in replay.sequences(9, 12)} == {0}
