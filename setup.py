@@ -20,8 +20,11 @@ setup(
     ],
     extras_require={
         "convert": ["transformers>=4.45", "gguf>=0.10", "protobuf>=4"],
+        "eval": ["lm-eval>=0.4.5,<0.5", "accelerate>=0.26", "transformers>=4.45", "protobuf>=4"],
+        "plot": ["matplotlib>=3.7"],
         "logging": ["wandb>=0.17", "tensorboard>=2.15"],
-        "test": ["pytest>=8", "transformers>=4.45", "gguf>=0.10", "protobuf>=4", "megatron-core>=0.12"],
+        "test": ["pytest>=8", "transformers>=4.45", "gguf>=0.10", "protobuf>=4", "megatron-core>=0.12",
+                 "lm-eval>=0.4.5,<0.5", "accelerate>=0.26", "matplotlib>=3.7"],
         # GPU-only speed-ups, imported when present: never required.
         "gpu": ["flash-attn>=2.5"],
     },

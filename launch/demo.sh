@@ -42,4 +42,6 @@ PYEOF
 CKPT=$RUN_DIR/checkpoints/$(cat $RUN_DIR/checkpoints/latest)
 echo "sample from $CKPT:"
 $PY -m megamobi.generate --checkpoint "$CKPT" --tokenizer $DATA/tokenizer.model --prompt "Return the" --max-new-tokens 40
+echo "plots of the run:"
+$PY -m megamobi.plot $RUN_DIR --output $RUN_DIR/plots
 echo "done: metrics in $RUN_DIR/metrics.jsonl, checkpoints in $RUN_DIR/checkpoints"

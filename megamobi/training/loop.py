@@ -276,6 +276,7 @@ class Trainer:
                 self.logger.info(f"{stop_signal} received: saved a checkpoint at step {state.step}; "
                                  "re-run the same command to continue")
                 break
+        self.logger.info(f"pictures of this run: python -m megamobi.plot {self.run_dir}  (docs/eval.md)")
         self.logger.close()
         return state
 

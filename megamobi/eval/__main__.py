@@ -1,0 +1,5 @@
+import sys
+
+from megamobi.eval.cli import main
+
+sys.exit(main())

@@ -1,0 +1,187 @@
+"""`python -m megamobi.eval` on a checkpoint trained here: the numbers are the model's own, the stock
+`lm_eval --model hf` CLI agrees on the exported checkpoint, offline gaps are one line, sweeps resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TASK_DIR
+
+from megamobi.eval.cli import main as eval_main
+from megamobi.eval.sweep import checkpoints_to_evaluate
+
+CKPT = "checkpoints/step_0000006"
+
+
+def offline_env(tmp_path: Path) -> dict[str, str]:
+    """No network and an empty Hugging Face cache: only local datasets can load."""
+    return {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"),
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def test_accuracy_is_the_models_own_and_a_missing_dataset_is_one_line(
+        tmp_path, trained_run, eval_tokenizer, own_loglikelihoods, repo_root):
+    import lm_eval
+
+    output = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "megamobi.eval", "--checkpoint", str(trained_run / CKPT), "--tokenizer", str(eval_tokenizer),
+         "--tasks", "megamobi_tiny_mc,megamobi_missing_dataset", "--include-path", str(TASK_DIR), "--device", "cpu",
+         "--batch-size", "8", "--output", str(output)],
+        cwd=repo_root, env=offline_env(tmp_path), capture_output=True, text=True, timeout=600)
+    # One task could not run: exit 1, after the other task ran and the results were written.
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    missing = [line for line in proc.stderr.splitlines() if "megamobi_missing_dataset" in line and "dataset" in line
+               and "offline" in line]
+    assert len(missing) == 1
+    assert "megamobi-tests/never-downloaded" in missing[0]
+    assert "python -m megamobi.eval --download --tasks megamobi_missing_dataset" in missing[0]
+
+    scores, labels = own_loglikelihoods
+    expected_acc = sum(max(range(len(row)), key=row.__getitem__) == label for row, label in zip(scores, labels)) / len(labels)
+    record = json.loads(output.read_text())
+    task = record["tasks"]["megamobi_tiny_mc"]
+    assert task["status"] == "ok"
+    assert task["metrics"]["acc"] == pytest.approx(expected_acc, abs=1e-12)
+    assert task["n_samples"]["megamobi_tiny_mc"]["effective"] == len(labels) == 36
+    # The promised fields: every metric with its stderr, versions, shots, provenance.
+    assert set(task["metrics"]) == {"acc", "acc_norm"} and set(task["stderr"]) == {"acc", "acc_norm"}
+    assert all(isinstance(v, float) and v > 0 for v in task["stderr"].values())
+    assert task["versions"] == {"megamobi_tiny_mc": 1.0}
+    assert task["n_shot"] == {"megamobi_tiny_mc": 0} and task["num_fewshot"] == 0
+    assert record["software"]["lm_eval"] == lm_eval.__version__
+    manifest = json.loads((trained_run / CKPT / "megamobi.json").read_text())
+    model = record["model"]
+    assert (model["step"], model["consumed_tokens"]) == (6, 6 * 8 * 32)
+    assert model["code_version"] == manifest["code_version"] and model["kind"] == "megamobi"
+    assert record["missing_datasets"] == [{"task": "megamobi_missing_dataset", "dataset": "megamobi-tests/never-downloaded",
+                                           "message": missing[0].split(": ", 1)[1]}]
+    # The printed table: the evaluated row, the paper's two rows, the average over what ran.
+    assert "MobiLlama 0.5B (paper)" in proc.stdout and "MobiLlama 0.8B (paper)" in proc.stdout
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| test-tiny step 6"))
+    assert row.split("|")[-2].strip() == f"{100 * expected_acc:.2f}"
+    # The export is cached next to the checkpoint and reused.
+    assert (trained_run / "checkpoints" / ".hf-eval" / "step_0000006" / "config.json").is_file()
+
+
+def test_stock_lm_eval_cli_gives_the_same_loglikelihoods(tmp_path, trained_run, eval_tokenizer, own_loglikelihoods,
+                                                           repo_root):
+    hf_dir = tmp_path / "hf"
+    subprocess.run([sys.executable, "-m", "megamobi.convert", "to-hf", "--checkpoint", str(trained_run / CKPT),
+                    "--output", str(hf_dir), "--dtype", "fp32", "--tokenizer", str(eval_tokenizer)],
+                   cwd=repo_root, check=True, capture_output=True, timeout=300)
+    lm_eval_cli = Path(sys.executable).with_name("lm_eval")
+    proc = subprocess.run(
+        [str(lm_eval_cli), "--model", "hf", "--model_args", f"pretrained={hf_dir},dtype=float32",
+         "--tasks", "megamobi_tiny_mc", "--include_path", str(TASK_DIR), "--device", "cpu", "--batch_size", "8",
+         "--output_path", str(tmp_path / "out"), "--log_samples"],
+        cwd=repo_root, env=offline_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (samples_file,) = (tmp_path / "out").rglob("samples_megamobi_tiny_mc_*.jsonl")
+    samples = sorted((json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda s: s["doc_id"])
+    scores, _ = own_loglikelihoods
+    assert len(samples) == len(scores) == 36
+    for sample, row in zip(samples, scores):
+        theirs = [float(resp[0][0]) for resp in sample["resps"]]
+        assert theirs == pytest.approx(row, abs=1e-4)
+
+
+def test_checkpoints_sweep_writes_one_row_per_checkpoint_and_resumes(tmp_path, trained_run, eval_tokenizer,
+                                                                     repo_root, monkeypatch, capsys):
+    csv_path = tmp_path / "eval.csv"
+    args = ["--checkpoints", str(trained_run), "--tokenizer", str(eval_tokenizer), "--tasks", "megamobi_tiny_mc",
+            "--include-path", str(TASK_DIR), "--device", "cpu", "--limit", "6", "--output", str(csv_path)]
+    for key, value in offline_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    assert eval_main(args) == 0
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(r["step"]), int(r["tokens"])) for r in rows] == [(2, 512), (4, 1024), (6, 1536)]
+    assert all(0.0 <= float(r["megamobi_tiny_mc/acc"]) <= 1.0 for r in rows)
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [f"step_000000{s}.json" for s in (2, 4, 6)]
+    # The sweep's exports are removed afterwards (one per checkpoint would fill the disk on a real run)...
+    assert not (trained_run / "checkpoints" / ".hf-eval" / "step_0000002").exists()
+    before = csv_path.read_text()
+    capsys.readouterr()
+    assert eval_main(args) == 0  # ... and a second run finds nothing to do.
+    assert csv_path.read_text() == before
+    assert "0 to evaluate" in capsys.readouterr().err
+
+
+def test_every_k_picks_the_same_checkpoints_when_resumed():
+    checkpoints = [(s, Path(f"step_{s:07d}")) for s in (100, 200, 300, 400, 500, 700)]
+    steps = lambda paths: [int(p.name[5:]) for p in paths]  # noqa: E731
+    assert steps(checkpoints_to_evaluate(checkpoints, done_steps=set(), every=None)) == [100, 200, 300, 400, 500, 700]
+    assert steps(checkpoints_to_evaluate(checkpoints, done_steps=set(), every=250)) == [100, 400, 700]
+    # Interrupted after 100 and 400: the resumed sweep picks what the uninterrupted one would have.
+    assert steps(checkpoints_to_evaluate(checkpoints, done_steps={100, 400}, every=250)) == [700]
+    assert steps(checkpoints_to_evaluate(checkpoints, done_steps={100}, every=250)) == [400, 700]
+
+
+def test_download_mode_reports_each_task(tmp_path, repo_root, monkeypatch, capsys):
+    for key, value in offline_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    status = eval_main(["--download", "--tasks", "megamobi_tiny_mc,megamobi_missing_dataset",
+                        "--include-path", str(TASK_DIR)])
+    out = capsys.readouterr().out.splitlines()
+    assert status == 1
+    assert out[0] == "megamobi_tiny_mc: ok, in the datasets cache"
+    assert out[1].startswith("megamobi_missing_dataset: task megamobi_missing_dataset: dataset megamobi-tests/never-downloaded")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--checkpoint", "CKPT", "--limit", "0"], "--limit: 0 must be a positive whole number"),
+    (["--checkpoint", "CKPT", "--limit", "-3"], "--limit: -3 must be a positive whole number"),
+    (["--checkpoint", "CKPT", "--limit", "ten"], "--limit: 'ten' is not a whole number"),
+    (["--checkpoint", "CKPT", "--batch-size", "0"], "--batch-size: 0 must be a positive whole number"),
+    (["--checkpoint", "CKPT", "--batch-size", "-1"], "--batch-size: -1 must be a positive whole number"),
+    (["--checkpoints", "RUN", "--every", "0"], "--every: 0 must be a positive whole number"),
+    (["--checkpoints", "RUN", "--every", "-2"], "--every: -2 must be a positive whole number"),
+    (["--checkpoint", "CKPT", "--every", "2"], "--every only applies with --checkpoints"),
+    (["--checkpoint", "CKPT", "--device", "tpu"], "--device tpu: unknown device"),
+    (["--checkpoint", "CKPT", "--device", "cuda:0"], "--device cuda:0: no CUDA device"),
+    (["--checkpoint", "CKPT", "--dtype", "int8"], "argument --dtype: invalid choice"),
+    (["--checkpoint", "CKPT", "--suite", "leaderboard"], "argument --suite: invalid choice"),
+    (["--checkpoint", "MISSING"], "--checkpoint MISSING: no such directory"),
+    (["--checkpoint", "FILE"], "--checkpoint FILE: is a file"),
+    (["--checkpoints", "FILE"], "--checkpoints FILE: is a file"),
+    (["--checkpoints", "CKPT"], "not a run directory"),
+    (["--checkpoint", "CKPT", "--include-path", "FILE"], "--include-path FILE: is a file"),
+    (["--checkpoint", "CKPT", "--include-path", "MISSING"], "--include-path MISSING: no such directory"),
+    (["--checkpoint", "CKPT", "--tokenizer", "MISSING"], "--tokenizer MISSING: no such file"),
+    (["--checkpoint", "CKPT", "--output", "RUN"], "is a directory; pass a file name"),
+    (["--download", "--tasks", "hellaswag,no_such_task_xyz"], "unknown lm-eval task no_such_task_xyz"),
+    (["--checkpoint", "RUN", "--tasks", "megamobi_tiny_mc", "--include-path", "TASKS"], "neither a megamobi checkpoint"),
+    (["--checkpoint", "CKPT", "--tasks", "megamobi_tiny_mc", "--include-path", "TASKS"], "pass --tokenizer"),
+    (["--limit", "5"], "pass --checkpoint DIR, --checkpoints RUN_DIR or --download"),
+])
+def test_bad_command_lines_exit_2_with_one_line(argv, expected, tmp_path, trained_run, capsys, monkeypatch):
+    import torch
+
+    if "cuda" in " ".join(argv) and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "FILE").write_text("not a directory\n")
+    places = {"CKPT": str(trained_run / CKPT), "RUN": str(trained_run), "TASKS": str(TASK_DIR)}
+    argv = [places.get(a, a) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        sys.exit(eval_main(argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("python -m megamobi.eval: error: ") and expected in err[0], err[0]
+
+
+def test_a_bad_value_through_the_real_command_is_one_line(repo_root):
+    proc = subprocess.run([sys.executable, "-m", "megamobi.eval", "--checkpoint", ".", "--batch-size", "0"],
+                          cwd=repo_root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("python -m megamobi.eval: error: argument --batch-size: 0 must be a positive "
+                                   "whole number (see --help)")
