@@ -142,6 +142,11 @@ CASES = [
     # megamobi.checkpoints
     ("megamobi.checkpoints:main", ["{ckpt}"], "it is a checkpoint: give its run directory"),
     ("megamobi.checkpoints:main", ["{root}/nowhere"], "has no checkpoints/ directory"),
+    # megamobi.plan
+    ("megamobi.plan.__main__:main", ["--config", "{run_yaml}", "--nodes", "0", "--gpus-per-node", "8", "--gpu", "a100-80gb"], "argument --nodes"),
+    ("megamobi.plan.__main__:main", ["--config", "{root}/a-dir", "--nodes", "1", "--gpus-per-node", "8", "--gpu", "a100-80gb"], "is a directory"),
+    ("megamobi.plan.__main__:main", ["--config", "{run_yaml}", "--nodes", "1", "--gpus-per-node", "2", "--gpu", "b200"], "argument --gpu"),
+    ("megamobi.plan.__main__:main", ["--config", "{run_yaml}", "--nodes", "1", "--gpus-per-node", "2", "--gpu", "h100-80gb", "--for-run", "{run_yaml}"], "not a directory"),
     # megamobi.convert
     ("megamobi.convert.__main__:main", ["to-gguf", "--checkpoint", "{ckpt}", "--output", "{root}/a-dir", "--overwrite"], "is a directory"),
     ("megamobi.convert.__main__:main", ["from-hf", "--model", "{root}/a-dir", "--output", "{ckpt}"], "pass --overwrite"),

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
+from megamobi.cli_support import positive_float, positive_int
 from megamobi.config_io import ConfigError
 from megamobi.plan.catalogue import CATALOGUE, gpu_with_overrides
 from megamobi.plan.planner import plan
@@ -21,23 +23,10 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    value = positive_float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
 
 
@@ -67,10 +56,10 @@ def _run_dir(text: str) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m megamobi.plan", description=__doc__)
     p.add_argument("--config", required=True, type=_file, help="the run's YAML (its data need not be on this machine)")
-    p.add_argument("--nodes", required=True, type=_positive_int)
-    p.add_argument("--gpus-per-node", required=True, type=_positive_int)
+    p.add_argument("--nodes", required=True, type=positive_int)
+    p.add_argument("--gpus-per-node", required=True, type=positive_int)
     p.add_argument("--gpu", required=True, choices=sorted(CATALOGUE), help="catalogue entry; see docs/planning.md")
-    p.add_argument("--top", type=_positive_int, default=None, help="rows to show (default 10; --json: all)")
+    p.add_argument("--top", type=positive_int, default=None, help="rows to show (default 10; --json: all)")
     p.add_argument("--json", action="store_true", help="one JSON object per candidate and line, best first")
     p.add_argument("--for-run", type=_run_dir, default=None, metavar="RUN_DIR",
                    help="compare this config's layout with what RUN_DIR/metrics.jsonl measured")
