@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from megamobi.distributed import init_distributed
+    from megamobi.training.early_stop import ignore_late_signals
     from megamobi.training.loop import NonFiniteLossError, Trainer
 
     quiet_known_noise()
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         init_distributed(rendezvous_timeout=run.launch.rendezvous_timeout_s)  # RendezvousError: exit 2
         trainer = Trainer(run, data=data)
         trainer.train()
+        ignore_late_signals()  # the work is saved: a late SIGTERM must not make the exit look like a kill
     except (ConfigError, DataError) as err:  # DataError: e.g. the loader's token-id guard
         print(f"megamobi: error: {err}", file=sys.stderr)
         return 2

@@ -25,6 +25,16 @@ def slow_save_for_tests() -> None:
         time.sleep(delay)
 
 
+def ignore_late_signals() -> None:
+    """Once training has returned (finished, or stopped after its save), a late SIGTERM / SIGUSR1 (SLURM
+    signals every process again when it requeues or ends the job) must not turn the exit into "killed
+    by SIGTERM": Python resets its own handlers to the default while exiting, so ignore them outright."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def requeue_job(job_id: str) -> str:
     """`scontrol requeue JOB`: SLURM ends this allocation and queues the same job again."""
     try:

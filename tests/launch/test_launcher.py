@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hostlist_cases import HOSTLISTS
 from run_yaml import write_run_yaml
 
 from megamobi.distributed import rank_env_from_slurm
@@ -16,21 +17,6 @@ from megamobi.launcher import LaunchError, expand_nodelist, plan_from_env
 REPO = Path(__file__).resolve().parents[2]
 SLURM_4x8 = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu-a[001-002],gpu-b[10,12]", "SLURM_NNODES": "4",
              "SLURM_GPUS_ON_NODE": "8", "SLURM_NODEID": "2"}
-
-
-# SLURM's host-list grammar; the same table is checked against `scontrol show hostnames` in tests/slurm.
-HOSTLISTS = [
-    ("node1", ["node1"]),
-    ("gpu[001-003]", ["gpu001", "gpu002", "gpu003"]),
-    ("gpu[08-10,15],login7", ["gpu08", "gpu09", "gpu10", "gpu15", "login7"]),
-    ("a[1-2],b[3],c", ["a1", "a2", "b3", "c"]),
-    ("node-[1-2]-ib", ["node-1-ib", "node-2-ib"]),  # text after the brackets (issue 14: was '1-2]-ib')
-    ("r[1-2]n[01-02]", ["r1n01", "r1n02", "r2n01", "r2n02"]),  # several bracket groups
-    ("x[8-10]", ["x8", "x9", "x10"]),  # no padding: the width of the first number
-    ("x[098-101]", ["x098", "x099", "x100", "x101"]),  # zero padding kept, overflowing naturally
-    ("gpu-a[001-002],gpu-b[10,12]", ["gpu-a001", "gpu-a002", "gpu-b10", "gpu-b12"]),
-    ("h1,h3,h2", ["h1", "h3", "h2"]),  # a plain list keeps SLURM's order
-]
 
 
 @pytest.mark.parametrize("nodelist, hosts", HOSTLISTS)
@@ -86,10 +72,11 @@ def test_inconsistent_slurm_environment_is_refused():
     ({"NPROC_PER_NODE": "2", "SLURM_JOB_ID": "5", "SLURM_JOB_NODELIST": "gpu[1-"}, "gpu[1-"),
 ])
 def test_launch_environment_errors_are_one_line_exit_2(tmp_path, env, named):
-    """Through the real script: one message naming the variable, exit status 2, no traceback."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NPROC", "MASTER_"))}
-    out = subprocess.run(["bash", str(REPO / "launch/pretrain.sh"), "run.yaml"], env={**base, **env,
-                         "PYTHON": sys.executable}, capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    """Through the real script, run from another directory without PYTHON (it finds the project's
+    .venv next to itself): one message naming the variable, exit status 2, no traceback."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NPROC", "MASTER_", "PYTHON"))}
+    out = subprocess.run(["bash", str(REPO / "launch/pretrain.sh"), "run.yaml"], env={**base, **env},
+                         capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr and named in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr

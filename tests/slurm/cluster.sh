@@ -18,6 +18,7 @@ dir=${MEGAMOBI_SLURM_DIR:-/tmp/megamobi-slurm}
 conf=$dir/slurm.conf
 export SLURM_CONF=$conf
 nodes="node1 node2"
+conf_changed=""
 
 say() { echo "tests/slurm/cluster.sh: $*" >&2; }
 
@@ -50,6 +51,8 @@ SlurmctldPort=16817
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job waits cred_expire seconds before it may start again (default 120): short for tests.
+AuthInfo=cred_expire=10
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool/%n
 SlurmctldPidFile=$dir/slurmctld.pid
@@ -63,6 +66,8 @@ AccountingStorageType=accounting_storage/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+# Schedule every 2 s (default 60): a requeued job's begin time passes without an event that would wake it.
+SchedulerParameters=sched_interval=2,bf_interval=2
 SlurmdParameters=config_overrides
 MpiDefault=none
 MailProg=/bin/true
@@ -75,7 +80,12 @@ NodeName=node1 NodeHostname=$host NodeAddr=127.0.0.1 Port=17001 CPUs=2 State=UNK
 NodeName=node2 NodeHostname=$host NodeAddr=127.0.0.1 Port=17002 CPUs=2 State=UNKNOWN
 PartitionName=ci Nodes=node1,node2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
-  if ! cmp -s "$conf.tmp" "$conf"; then mv "$conf.tmp" "$conf"; else rm -f "$conf.tmp"; fi
+  if ! cmp -s "$conf.tmp" "$conf"; then
+    mv "$conf.tmp" "$conf"
+    conf_changed=1
+  else
+    rm -f "$conf.tmp"
+  fi
 }
 
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
@@ -107,6 +117,9 @@ start() {
   write_conf
   hosts_entries
   start_munge
+  if [ -n "${conf_changed:-}" ] && alive "$dir/slurmctld.pid"; then
+    scontrol reconfigure >/dev/null 2>&1 || true
+  fi
   if ! alive "$dir/slurmctld.pid"; then
     slurmctld -f "$conf" || { say "slurmctld did not start; see $dir/log/slurmctld.log"; exit 3; }
     started "$dir/slurmctld.pid"
