@@ -112,7 +112,11 @@ def read_run_metrics(run_dir: Path) -> dict:
         raise ConfigError(f"{path}: no training-step lines (with tokens_per_s and memory_gb) yet")
     timed = steps[1:] if len(steps) > 1 else steps  # the first logged interval includes warm-up
     return {"steps": len(steps), "tokens_per_s": sum(s["tokens_per_s"] for s in timed) / len(timed),
-            "memory_gb": max(s["memory_gb"] for s in steps), "last_step": steps[-1].get("step")}
+            "memory_gb": max(s["memory_gb"] for s in steps),
+            # the largest rank's peak (Trainer logs it as memory_gb_max; older runs only rank 0's)
+            "memory_gb_max": max((s["memory_gb_max"] for s in steps if s.get("memory_gb_max") is not None),
+                                 default=None),
+            "last_step": steps[-1].get("step")}
 
 
 def print_for_run(result: Plan, run_dir: Path, *, as_json: bool) -> None:
@@ -127,6 +131,8 @@ def print_for_run(result: Plan, run_dir: Path, *, as_json: bool) -> None:
            "estimated_tokens_per_s": round(own.tokens_per_s, 1),
            "tokens_per_s_ratio": round(measured["tokens_per_s"] / own.tokens_per_s, 3),
            "measured_peak_memory_gb": round(measured["memory_gb"], 3),
+           "measured_peak_memory_gb_any_rank": (None if measured["memory_gb_max"] is None
+                                                else round(measured["memory_gb_max"], 3)),
            "estimated_allocated_gb": round(est_mem, 3),
            "memory_ratio": round(measured["memory_gb"] / est_mem, 3) if est_mem else None}
     if as_json:
@@ -135,6 +141,9 @@ def print_for_run(result: Plan, run_dir: Path, *, as_json: bool) -> None:
     print(f"\n--for-run {run_dir} ({measured['steps']} logged steps, last {measured['last_step']}):")
     print(f"  tokens/s (whole job): measured {out['measured_tokens_per_s']:,.0f}, estimated "
           f"{out['estimated_tokens_per_s']:,.0f} (measured / estimated {out['tokens_per_s_ratio']:.2f})")
+    largest = out["measured_peak_memory_gb_any_rank"]
+    if largest is not None:
+        print(f"  peak memory of the largest rank (memory_gb_max): measured {largest:.2f} GiB")
     print(f"  peak memory of rank 0 (metrics memory_gb): measured {out['measured_peak_memory_gb']:.2f} GiB, "
           f"estimated allocator peak {out['estimated_allocated_gb']:.2f} GiB (total less the allowance). On a CPU "
           f"run memory_gb is the process's peak resident size, which also counts Python, torch and DeepSpeed "

@@ -293,13 +293,17 @@ class Trainer:
         tflops = self.flops_per_token * tokens_per_s / 1e12
         peak = self.run.logging.peak_tflops
         on_gpu = torch.cuda.is_available()
+        memory = memory_gb()  # this rank's peak; the largest of all ranks too (pipeline stages differ)
+        largest = torch.tensor([memory], device=self.device)
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
         self.logger.log({
             "step": self.state.step, "consumed_samples": self.state.consumed_samples,
             "consumed_tokens": self.state.consumed_tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_s * dist.get_world_size(), "tokens_per_s_per_device": tokens_per_s,
             "tflops_per_device": tflops if on_gpu else None,
             "mfu": tflops / peak if (on_gpu and peak) else None,
-            "step_time_s": step_time, "memory_gb": memory_gb(), "skipped_steps": self.state.skipped_steps,
+            "step_time_s": step_time, "memory_gb": memory, "memory_gb_max": largest.item(),
+            "skipped_steps": self.state.skipped_steps,
         })
 
     @torch.no_grad()

@@ -186,7 +186,13 @@ def test_for_run_compares_with_what_the_run_measured(tmp_path, token_shards, cap
     assert report["steps_logged"] == len(steps) == 3
     assert report["measured_tokens_per_s"] == pytest.approx(sum(s["tokens_per_s"] for s in steps[1:]) / 2, rel=1e-3)
     assert report["measured_peak_memory_gb"] == pytest.approx(max(s["memory_gb"] for s in steps), abs=1e-3)
+    assert report["measured_peak_memory_gb_any_rank"] == pytest.approx(max(s["memory_gb_max"] for s in steps), abs=1e-3)
+    assert report["measured_peak_memory_gb_any_rank"] >= report["measured_peak_memory_gb"] - 1e-3
     assert report["estimated_tokens_per_s"] > 0 and report["estimated_allocated_gb"] > 0
+    code, out, err = _run(["--config", str(config), "--nodes", "1", "--gpus-per-node", "2", "--gpu", "h100-80gb",
+                           "--top", "2", "--for-run", str(tmp_path / "run")], capsys)
+    assert code == 0, err
+    assert f"measured {report['measured_tokens_per_s']:,.0f}" in out and "memory_gb_max" in out
 
     (tmp_path / "run" / "metrics.jsonl").write_text("not json\n")
     code, _, err = _run(["--config", str(config), "--nodes", "1", "--gpus-per-node", "2", "--gpu", "h100-80gb",

@@ -21,7 +21,7 @@ from megamobi.training.ds_config import build_ds_config
 from megamobi.training.loop import NonFiniteLossError, Trainer, checkpoint_due
 from megamobi.training.schedule import learning_rate
 
-STABLE = ("tokens_per_s", "tokens_per_s_per_device", "step_time_s", "memory_gb")
+STABLE = ("tokens_per_s", "tokens_per_s_per_device", "step_time_s", "memory_gb", "memory_gb_max")
 
 
 class SignalledAt(Trainer):
