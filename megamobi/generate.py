@@ -36,16 +36,20 @@ def load_model(checkpoint: str) -> MobiLlama:
 
 @torch.no_grad()
 def generate(model: MobiLlama, prompt_ids: list[int], *, max_new_tokens: int, temperature: float, top_k: int,
-             seed: int, eos_id: int | None = None) -> list[int]:
+             seed: int, eos_id: int | None = None, vocab_limit: int | None = None) -> list[int]:
+    """vocab_limit: the tokenizer's size; ids at or past it (the model's padded vocabulary rows) are
+    never sampled, so every generated id can be decoded."""
     generator = torch.Generator().manual_seed(seed)
     ids = list(prompt_ids)
     for _ in range(max_new_tokens):
         context = torch.tensor([ids[-model.config.max_seq_len:]])
         logits = model(context)[0, -1].float()
+        if vocab_limit is not None:
+            logits[vocab_limit:] = float("-inf")
         if temperature <= 0:
             next_id = int(logits.argmax())
         else:
-            values, indices = torch.topk(logits / temperature, min(top_k, logits.numel()))
+            values, indices = torch.topk(logits / temperature, min(top_k, vocab_limit or logits.numel()))
             next_id = int(indices[torch.multinomial(torch.softmax(values, -1), 1, generator=generator)])
         if next_id == eos_id:
             break
@@ -71,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         return fail(err)
     new_ids = generate(model, sp.encode(args.prompt), max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_k=args.top_k, seed=args.seed, eos_id=sp.eos_id())
+                       temperature=args.temperature, top_k=args.top_k, seed=args.seed, eos_id=sp.eos_id(),
+                       vocab_limit=sp.get_piece_size())
     print(args.prompt + ("" if not new_ids else " " * args.prompt.endswith(" ") + sp.decode(new_ids)))
     return 0
 
