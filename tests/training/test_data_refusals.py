@@ -96,6 +96,9 @@ def test_resume_onto_changed_data_stops_unless_allowed_and_recorded(tmp_path, to
     proc = _pretrain(repo_root, config, f"data.paths=[{rebuilt}]")  # a real start, not only --check-only
     assert proc.returncode == 2 and f"data.paths: ['{token_shards}'] -> ['{rebuilt}']" in proc.stderr, proc.stderr
     assert _pretrain(repo_root, config, "--check-only", "data.val_fraction=0.2", "data.allow_change=true").returncode == 0
+    for bad in ("maybe", "1"):
+        proc = _pretrain(repo_root, config, "--check-only", f"data.allow_change={bad}")
+        assert proc.returncode == 2 and "data.allow_change: expected true or false" in proc.stderr, proc.stderr
 
     # The trainer itself refuses too (it is what every rank runs), and with allow_change records the change.
     changed = make_run(tmp_path / "r", token_shards, train={"steps": 4, "seed": 11, "log_interval": 1},
