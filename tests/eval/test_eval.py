@@ -14,6 +14,7 @@ import pytest
 from conftest import TASK_DIR
 
 from megamobi.eval.cli import main as eval_main
+from megamobi.eval.suite import PAPER_SUITE
 from megamobi.eval.sweep import checkpoints_to_evaluate
 
 CKPT = "checkpoints/step_0000006"
@@ -32,8 +33,9 @@ def test_accuracy_is_the_models_own_and_a_missing_dataset_is_one_line(
     output = tmp_path / "results.json"
     proc = subprocess.run(
         [sys.executable, "-m", "megamobi.eval", "--checkpoint", str(trained_run / CKPT), "--tokenizer", str(eval_tokenizer),
-         "--tasks", "megamobi_tiny_mc,megamobi_missing_dataset", "--include-path", str(TASK_DIR), "--device", "cpu",
-         "--batch-size", "8", "--output", str(output)],
+         "--tasks", ",".join(["megamobi_tiny_mc", "megamobi_missing_dataset", *(t.task for t in PAPER_SUITE)]),
+         "--include-path", str(TASK_DIR), "--device", "cpu",
+         "--batch-size", "8", "--output", str(output), "--log-samples"],
         cwd=repo_root, env=offline_env(tmp_path), capture_output=True, text=True, timeout=600)
     # One task could not run: exit 1, after the other task ran and the results were written.
     assert proc.returncode == 1, proc.stderr[-3000:]
@@ -51,6 +53,9 @@ def test_accuracy_is_the_models_own_and_a_missing_dataset_is_one_line(
     assert task["status"] == "ok"
     assert task["metrics"]["acc"] == pytest.approx(expected_acc, abs=1e-12)
     assert task["n_samples"]["megamobi_tiny_mc"]["effective"] == len(labels) == 36
+    logged = [json.loads(line) for line in Path(f"{output}.samples.jsonl").read_text().splitlines()]
+    logged = sorted((s for s in logged if s["task"] == "megamobi_tiny_mc"), key=lambda s: s["doc_id"])
+    assert [[float(resp[0]) for resp in s["resps"]] for s in logged] == [pytest.approx(row, abs=1e-4) for row in scores]
     # The promised fields: every metric with its stderr, versions, shots, provenance.
     assert set(task["metrics"]) == {"acc", "acc_norm"} and set(task["stderr"]) == {"acc", "acc_norm"}
     assert all(isinstance(v, float) and v > 0 for v in task["stderr"].values())
@@ -61,10 +66,26 @@ def test_accuracy_is_the_models_own_and_a_missing_dataset_is_one_line(
     model = record["model"]
     assert (model["step"], model["consumed_tokens"]) == (6, 6 * 8 * 32)
     assert model["code_version"] == manifest["code_version"] and model["kind"] == "megamobi"
-    assert record["missing_datasets"] == [{"task": "megamobi_missing_dataset", "dataset": "megamobi-tests/never-downloaded",
-                                           "message": missing[0].split(": ", 1)[1]}]
+    assert record["missing_datasets"][0] == {"task": "megamobi_missing_dataset",
+                                             "dataset": "megamobi-tests/never-downloaded",
+                                             "message": missing[0].split(": ", 1)[1]}
     # The printed table: the evaluated row, the paper's two rows, the average over what ran.
-    assert "MobiLlama 0.5B (paper)" in proc.stdout and "MobiLlama 0.8B (paper)" in proc.stdout
+    # The paper's nine tasks, whose datasets this offline machine lacks: one line each naming the dataset,
+    # and their shots as the paper's Table 4 setting says.
+    for entry in PAPER_SUITE:
+        (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith(f"python -m megamobi.eval: task {entry.task}: ")]
+        assert f"--download --tasks {entry.task}`" in line
+        assert record["tasks"][entry.task]["status"] == "missing_dataset"
+        assert record["settings"]["num_fewshot"][entry.task] == entry.num_fewshot
+    assert {t: record["settings"]["num_fewshot"][t] for t in ("hellaswag", "arc_challenge", "winogrande", "mmlu")} == {
+        "hellaswag": 10, "arc_challenge": 25, "winogrande": 5, "mmlu": 5}
+    assert record["tasks"]["piqa"]["dataset"] == "baber/piqa" and record["tasks"]["mmlu"]["dataset"] == "cais/mmlu"
+    header = [c.strip() for c in proc.stdout.splitlines()[0].strip("|").split("|")]
+    assert header == ["Model Name", "#Params", "megamobi_tiny_mc", "megamobi_missing_dataset", "HellaSwag", "Truthfulqa",
+                      "MMLU", "Arc_C", "CrowsPairs", "piqa", "race", "siqa", "winogrande", "Average"]
+    paper_05 = next(ln for ln in proc.stdout.splitlines() if ln.startswith("| MobiLlama 0.5B (paper)"))
+    assert [c.strip() for c in paper_05.strip("|").split("|")][4:13] == [
+        "52.52", "38.05", "26.45", "29.52", "64.03", "72.03", "33.68", "40.22", "57.53"]
     row = next(line for line in proc.stdout.splitlines() if line.startswith("| test-tiny step 6"))
     assert row.split("|")[-2].strip() == f"{100 * expected_acc:.2f}"
     # The export is cached next to the checkpoint and reused.
@@ -72,7 +93,7 @@ def test_accuracy_is_the_models_own_and_a_missing_dataset_is_one_line(
 
 
 def test_stock_lm_eval_cli_gives_the_same_loglikelihoods(tmp_path, trained_run, eval_tokenizer, own_loglikelihoods,
-                                                           repo_root):
+                                                           repo_root, monkeypatch):
     hf_dir = tmp_path / "hf"
     subprocess.run([sys.executable, "-m", "megamobi.convert", "to-hf", "--checkpoint", str(trained_run / CKPT),
                     "--output", str(hf_dir), "--dtype", "fp32", "--tokenizer", str(eval_tokenizer)],
@@ -91,6 +112,16 @@ def test_stock_lm_eval_cli_gives_the_same_loglikelihoods(tmp_path, trained_run, 
     for sample, row in zip(samples, scores):
         theirs = [float(resp[0][0]) for resp in sample["resps"]]
         assert theirs == pytest.approx(row, abs=1e-4)
+    # megamobi.eval takes the exported directory as it is, too.
+    for key, value in offline_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    assert eval_main(["--checkpoint", str(hf_dir), "--tasks", "megamobi_tiny_mc", "--include-path", str(TASK_DIR),
+                      "--device", "cpu", "--output", str(tmp_path / "hf.json")]) == 0
+    record = json.loads((tmp_path / "hf.json").read_text())
+    assert record["model"]["kind"] == "hf" and record["model"]["path"] == str(hf_dir)
+    expected_acc = sum(max(range(len(row)), key=row.__getitem__) == sample["doc"]["label"]
+                       for row, sample in zip(scores, samples)) / len(scores)
+    assert record["tasks"]["megamobi_tiny_mc"]["metrics"]["acc"] == pytest.approx(expected_acc, abs=1e-12)
 
 
 def test_checkpoints_sweep_writes_one_row_per_checkpoint_and_resumes(tmp_path, trained_run, eval_tokenizer,
