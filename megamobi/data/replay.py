@@ -164,7 +164,7 @@ class TrainOrder:
         self.num_windows = len(self.blend if self.blend is not None else self.train) * self.per_sample
         if not self.num_windows:
             raise ReplayError(f"{data['paths']}: no training samples")
-        self._sources: np.ndarray | None = None
+        self._src_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def windows_at(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Global positions -> (base sample index, token offset of the window)."""
@@ -199,14 +199,34 @@ class TrainOrder:
                     found.append((position, (window % self.per_sample) * self.seq_len))
         return sorted(found)
 
-    def sample_sources(self) -> np.ndarray:
-        if self._sources is None:
-            self._sources = self.base.sample_sources()
-        return self._sources
+    def _shard_sources(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """Global source ids of one shard's rows (its .src.npy, memory-mapped once)."""
+        if shard not in self._src_cache:
+            local = np.load(self.base._src_files[shard], mmap_mode="r")
+            self._src_cache[shard] = (local, self.base._src_maps[shard])
+        return self._src_cache[shard]
+
+    def sources_of(self, bases: np.ndarray) -> np.ndarray:
+        """Global source id of each base sample; reads only the shards involved (no O(corpus) array)."""
+        bases = np.asarray(bases, dtype=np.int64)
+        shards = np.searchsorted(self.base._offsets, bases, side="right") - 1
+        out = np.empty_like(bases)
+        for shard in np.unique(shards):
+            mask = shards == shard
+            local, mapping = self._shard_sources(int(shard))
+            out[mask] = mapping[np.asarray(local[bases[mask] - self.base._offsets[shard]], dtype=np.int64)]
+        return out
 
     def natural_mix(self) -> dict[str, float]:
-        """Source shares of the training split (what an unblended run consumes on average)."""
-        counts = np.bincount(self.sample_sources()[self.train.base_indices()], minlength=len(self.base.sources))
+        """Source shares of the training split (what an unblended run consumes on average), shard by shard."""
+        counts = np.zeros(len(self.base.sources), dtype=np.int64)
+        for shard in range(len(self.base.bin_paths)):
+            first, last = int(self.base._offsets[shard]), int(self.base._offsets[shard + 1])
+            if last == first:
+                continue
+            in_train = np.isin(np.arange(first, last) // self.train._block_size, self.train._blocks)
+            local, mapping = self._shard_sources(shard)
+            counts += np.bincount(mapping[np.asarray(local, dtype=np.int64)[in_train]], minlength=len(counts))
         return {n: float(c) / max(int(counts.sum()), 1) for n, c in zip(self.base.sources, counts)}
 
     def locate(self, base_index: int) -> tuple[Path, int]:
@@ -326,7 +346,7 @@ class RunReplay:
                         shard, row = order.locate(base)
                         tokens = order.base[base][offset:offset + segment.seq_len + 1]
                         yield Sequence(step=step, rank=r, micro_batch=i // mb, sample_index=base, shard=str(shard),
-                                       row=row, offset=offset, source=order.base.sources[order.base.source_of(base)],
+                                       row=row, offset=offset, source=order.base.sources[int(order.sources_of([base])[0])],
                                        tokens=[int(t) for t in tokens])
 
     def find(self, location: str) -> dict[str, Any]:
@@ -341,7 +361,8 @@ class RunReplay:
             shard, row = order.locate(base)
             if answer is None:
                 answer = {"sample_index": base, "shard": str(shard), "row": row,
-                          "source": order.base.sources[order.base.source_of(base)], "validation": False, "consumed": []}
+                          "source": order.base.sources[int(order.sources_of([base])[0])], "validation": False,
+                          "consumed": []}
             hits = order.positions_of(base, start=segment.consumed_samples_before, stop=segment.end_position)
             if hits is None:
                 answer["validation"] = True
@@ -364,11 +385,10 @@ class RunReplay:
         tokens: dict[str, int] = {}
         for segment, lo, hi in self._overlapping(first, last):
             order = self.order(segment)
-            sources = order.sample_sources()
             start, stop = segment.position(lo), segment.position(hi + 1)
             for begin in range(start, stop, chunk):
                 bases, _ = order.windows_at(np.arange(begin, min(begin + chunk, stop), dtype=np.int64))
-                counts = np.bincount(sources[bases], minlength=len(order.base.sources))
+                counts = np.bincount(order.sources_of(bases), minlength=len(order.base.sources))
                 for name, count in zip(order.base.sources, counts.tolist()):
                     if count:
                         tokens[name] = tokens.get(name, 0) + count * segment.seq_len

@@ -91,6 +91,13 @@ def test_mix_adds_up_to_the_consumed_tokens(tmp_path, token_shards):
     assert {n: e["tokens"] for n, e in mix["sources"].items() if e["tokens"]} == dict(counted)
     between = json.loads(_cli(replay.run_dir, "--mix", "step_0000020:step_0000040", "--json").stdout)
     assert (between["first_step"], between["last_step"], between["tokens"]) == (21, 40, 20 * 8 * 1024)
+    natural = replay.mix(41, 50)  # no blend: configured = the training split's own source shares
+    order = replay.order(replay.segments[-1])
+    train_sources = order.base.sample_sources()[order.train.base_indices()]
+    assert natural["blend"] == "natural"
+    for name, entry in natural["sources"].items():
+        expected = float(np.mean(train_sources == order.base.sources.index(name)))
+        assert abs(entry["configured"] - expected) < 1e-12, name
     blended = replay.mix(1, 40)
     assert blended["blend"] == "weights" and blended["sources"]["arxiv"]["configured"] == 0.75
     assert abs(blended["sources"]["arxiv"]["share"] - 0.75) < 0.1
