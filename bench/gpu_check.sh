@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# Every GPU figure of issue 9 in one go, on a fresh one-GPU machine without network, in under 8 minutes.
+#
+#   bash bench/gpu_check.sh [OUT_DIR]        # figures to OUT_DIR (default: $OUT, else bench/gpu-check-out)
+#   bash bench/gpu_check.sh --cpu-dry-run [OUT_DIR]   # the same steps, tiny, on CPU (tests/bench/test_gpu_check_dry_run.py)
+#
+# Needs bench/wheels/ from `bash bench/gpu_wheels.sh` (DeepSpeed, liger-kernel and their missing
+# dependencies for CPython 3.12), which travels with the working tree. Steps, each bounded by a
+# timeout and recorded even when it fails:
+#   1. install the wheels with --no-index; record the environment           -> env.txt
+#   2. the fused-path tests against the plain path (GPU-only ones included)  -> tests.txt
+#   3. a short real launch/pretrain.sh run (configs/pretrain-gpu-check.yaml: DeepSpeed ZeRO-1, bf16, NCCL,
+#      1 GPU) on synthetic shards; its tokens/s and MFU from the Trainer's log -> pretrain.log, pretrain_summary.json
+#   4. bench/throughput.py for mobillama-0.5b at seq 2048, bf16: kernels auto / plain, --trainer, other
+#      micro-batch sizes, selective checkpointing, compile (slowest last)  -> throughput.jsonl, throughput.txt
+# The whole script keeps to GPU_CHECK_BUDGET_S (default 465 s): a step that would outrun it is cut short
+# or skipped, and the script says so and exits 1.
+# Environment: PYTHON (default python3), GPU_CHECK_WORK (scratch folder, default /tmp/megamobi-gpu-check).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+DRY_RUN=0
+if [ "${1:-}" = "--cpu-dry-run" ]; then DRY_RUN=1; shift; fi
+OUT_DIR=${1:-${OUT:-bench/gpu-check-out}}
+mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+PYTHON=${PYTHON:-$(command -v python3)}
+WORK=${GPU_CHECK_WORK:-/tmp/megamobi-gpu-check}
+rm -rf "$WORK" && mkdir -p "$WORK"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+LOG="$OUT_DIR/gpu_check.log"
+: > "$LOG"
+FAILED=()
+
+say() { echo "[gpu_check $(date -u +%H:%M:%S)] $*" | tee -a "$LOG" >&2; }  # stderr: stdout may be a figure file
+BUDGET_S=${GPU_CHECK_BUDGET_S:-$([ $DRY_RUN = 1 ] && echo 3600 || echo 465)}  # the GPU run stays under 8 minutes
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log the outcome, carry on either way
+  local name=$1 limit=$2; shift 2
+  local left=$((BUDGET_S - SECONDS))
+  if [ $left -lt 30 ]; then
+    say "skip $name: the ${BUDGET_S} s budget is spent"
+    FAILED+=("$name (skipped: out of time)")
+    return 0
+  fi
+  if [ $limit -gt $left ]; then limit=$left; fi
+  say "start $name (limit $limit s)"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@"
+  local rc=$?
+  say "end $name: exit $rc after $((SECONDS - t0)) s"
+  if [ $rc -ne 0 ]; then FAILED+=("$name (exit $rc)"); fi
+  return 0
+}
+
+if [ $DRY_RUN = 1 ]; then
+  say "CPU dry run: the same steps with the tiny model, fp32, a few steps"
+  CONFIG=tiny; SEQ=128; MICRO_BATCHES="2"; STEPS=2; WARMUP=1; PEAK=""
+  BENCH_EXTRA=(--compile-backend aot_eager); NPROC=1
+  LAUNCH_OVERRIDES=(model=tiny batch.seq_len=128 batch.micro_batch_size=2 batch.global_batch_size=2
+                    precision=fp32 train.steps=4 train.log_interval=1 optimizer.warmup_steps=1 logging.peak_tflops=null)
+  SHARD_SAMPLES=8; SHARD_VOCAB=4096
+else
+  CONFIG=mobillama-0.5b; SEQ=2048; MICRO_BATCHES="4 8 16"; STEPS=6; WARMUP=2; PEAK="--peak-tflops 989"
+  BENCH_EXTRA=(); NPROC=1
+  LAUNCH_OVERRIDES=()
+  SHARD_SAMPLES=256; SHARD_VOCAB=32000
+fi
+
+# --- 1. wheels and environment ---------------------------------------------------------------------
+WHEELS=(deepspeed==0.19.8 liger-kernel==0.8.5 hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 zstandard==0.25.0)
+if [ $DRY_RUN = 1 ]; then
+  # Check that the wheels are there and installable by a CPython 3.12 x86-64 interpreter (no install).
+  step wheels 120 "$PYTHON" -m pip install --quiet --dry-run --no-deps --no-index --find-links bench/wheels \
+    --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+    --only-binary=:all: --target "$WORK/site" "${WHEELS[@]}"
+elif ! "$PYTHON" -c "import deepspeed, liger_kernel" 2>/dev/null; then
+  step wheels 240 "$PYTHON" -m pip install --quiet --no-index --find-links bench/wheels "${WHEELS[@]}"
+  if ! "$PYTHON" -c "import deepspeed" 2>/dev/null; then  # resolver trouble: every wheel as is
+    say "dependency resolution failed; installing every wheel in bench/wheels with --no-deps"
+    step wheels-no-deps 240 "$PYTHON" -m pip install --quiet --no-index --no-deps bench/wheels/*.whl
+  fi
+fi
+{
+  date -u; uname -a; nvidia-smi 2>/dev/null || echo "nvidia-smi: not available"
+  "$PYTHON" - <<'PY'
+import importlib, sys, torch
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda,
+      "| gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
+for name in ("transformers", "triton", "deepspeed", "liger_kernel", "flash_attn", "pydantic"):
+    try:
+        module = importlib.import_module(name)
+        print(name, getattr(module, "__version__", "installed"))
+    except Exception as err:  # an absent optional kernel is a fact to record, not a failure
+        print(name, "unavailable:", type(err).__name__, str(err)[:120])
+PY
+} > "$OUT_DIR/env.txt" 2>&1
+say "environment: $(grep -m1 '^python' "$OUT_DIR/env.txt")"
+
+# --- 2. fused paths against the plain path ---------------------------------------------------------
+step tests 240 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/kernels > "$OUT_DIR/tests.txt" 2>&1
+tail -n 3 "$OUT_DIR/tests.txt" | tee -a "$LOG"
+
+# --- 3. a short real run through launch/pretrain.sh ---------------------------------------------------
+step shards 120 "$PYTHON" bench/synthetic_shards.py --output "$WORK/shards" --samples $SHARD_SAMPLES --vocab-size $SHARD_VOCAB
+step pretrain 300 env NPROC_PER_NODE=$NPROC PYTHON="$PYTHON" bash launch/pretrain.sh configs/pretrain-gpu-check.yaml \
+  run_dir="$WORK/run" "data.paths=[$WORK/shards]" "${LAUNCH_OVERRIDES[@]}" > "$OUT_DIR/pretrain.log" 2>&1
+"$PYTHON" - "$WORK/run/metrics.jsonl" "$OUT_DIR/pretrain_summary.json" <<'PY' 2>&1 | tee -a "$LOG"
+import json, sys
+from pathlib import Path
+path, out = Path(sys.argv[1]), Path(sys.argv[2])
+lines = [json.loads(l) for l in path.read_text().splitlines()] if path.is_file() else []
+steps = [m for m in lines if "tokens_per_s" in m]
+later = steps[1:] or steps  # the first logged window holds the warm-up
+def mean(key):
+    values = [m[key] for m in later if m.get(key) is not None]
+    return sum(values) / len(values) if values else None
+summary = {"logged_steps": [m["step"] for m in steps], "tokens_per_s": mean("tokens_per_s"),
+           "tokens_per_s_per_device": mean("tokens_per_s_per_device"), "tflops_per_device": mean("tflops_per_device"),
+           "mfu": mean("mfu"), "memory_gb": max((m.get("memory_gb") or 0) for m in later) if later else None,
+           "last_loss": steps[-1]["loss"] if steps else None, "source": str(path)}
+out.write_text(json.dumps(summary, indent=1) + "\n")
+print("pretrain summary:", json.dumps(summary))
+PY
+
+# --- 4. throughput: megamobi vs Hugging Face, then the Trainer vs the plain step ----------------------
+bench() {  # bench NAME ARGS...
+  local name=$1; shift
+  step "bench $name" 240 "$PYTHON" bench/throughput.py --config $CONFIG --seq $SEQ --steps $STEPS --warmup $WARMUP \
+    $PEAK "${BENCH_EXTRA[@]}" --json "$@" > "$WORK/bench.json" 2>> "$WORK/bench.err"
+  if [ -s "$WORK/bench.json" ]; then
+    tail -n 1 "$WORK/bench.json" >> "$OUT_DIR/throughput.jsonl"
+    "$PYTHON" -c "import json, sys; sys.path.insert(0, 'bench'); import throughput as t; \
+print(t.table(json.loads(open('$WORK/bench.json').read().splitlines()[-1])))" >> "$OUT_DIR/throughput.txt"
+  fi
+  : > "$WORK/bench.json"
+}
+: > "$OUT_DIR/throughput.jsonl"; : > "$OUT_DIR/throughput.txt"
+MBS=($MICRO_BATCHES)
+MB=${MBS[1]:-${MBS[0]}}  # the options at the middle micro batch; the slowest (compile) last
+bench "micro-batch $MB" --micro-batch "$MB"
+bench "kernels plain" --micro-batch "$MB" --kernels plain
+bench "trainer" --micro-batch "$MB" --trainer
+for mb in $MICRO_BATCHES; do
+  if [ "$mb" != "$MB" ]; then bench "micro-batch $mb" --micro-batch "$mb"; fi
+done
+bench "selective checkpointing" --micro-batch "$MB" --activation-checkpointing selective
+bench "compile" --micro-batch "$MB" --compile
+tail -n 40 "$WORK/bench.err" >> "$LOG"
+
+
+if [ ${#FAILED[@]} -gt 0 ]; then
+  say "FAILED: ${FAILED[*]}"
+  say "figures and logs: $OUT_DIR"
+  exit 1
+fi
+say "all steps passed; figures and logs: $OUT_DIR"
