@@ -51,7 +51,8 @@ def print_text(run: RunConfig, result: Plan, *, gpu: GPU, nodes: int, gpus_per_n
           f"{flops_per_token(cfg, seq_len=run.batch.seq_len) / 1e9:.2f} GFLOP per token at sequence {run.batch.seq_len} "
           f"(shared FFN counted in every layer); global batch {run.batch.global_batch_size} x {run.batch.seq_len}, "
           f"{run.precision}")
-    print(f"cluster: {nodes} x {gpus_per_node} {gpu.name} = {world} GPUs ({gpu.peak_tflops:g} TFLOP/s dense bf16, "
+    peak = f"{gpu.peak_tflops:g} TFLOP/s dense bf16" if run.precision == "bf16" else f"{gpu.fp32_tflops:g} TFLOP/s fp32"
+    print(f"cluster: {nodes} x {gpus_per_node} {gpu.name} = {world} GPUs ({peak}, "
           f"{gpu.memory_gib:g} GiB, NVLink {gpu.intra_gbps:g} GB/s, InfiniBand {gpu.inter_gbps:g} GB/s per GPU)")
     print(f"assumptions: compute at {compute_fraction:.0%} of peak; collectives at {COMM_EFFICIENCY:.0%} of link "
           f"bandwidth; allowance {FRAMEWORK_ALLOWANCE_GIB} GiB (CUDA context, NCCL) + {FRAGMENTATION:.0%} fragmentation")

@@ -4,7 +4,7 @@
     compute      FLOPs of the stage (megamobi.model's formula: the shared FFN counted in every layer;
                  full activation checkpointing adds one more forward of the decoder layers, selective
                  one more forward of their attention blocks) at
-                 peak x compute_fraction
+                 peak x compute_fraction (the bf16 peak, or the plain fp32 one for fp32 runs)
     tensor       4 all-reduces of [s, b, h] per layer and micro batch (2 forward, 2 backward; 2 more
                  for a checkpointed layer's recompute) + 2 for embedding and head; synchronous
     pipeline     1F1B: (micro batches + P - 1) x the slowest stage's time per micro batch; activations
@@ -67,7 +67,7 @@ def estimate_step(config: ModelConfig, stages: list[Stage], *, gpu: GPU, gpus_pe
                   compute_fraction: float = DEFAULT_COMPUTE_FRACTION) -> StepTime:
     e = 2.0 if precision == "bf16" else 4.0
     tokens = seq * micro_batch
-    flops_rate = gpu.peak_tflops * 1e12 * compute_fraction
+    flops_rate = (gpu.peak_tflops if e == 2 else gpu.fp32_tflops) * 1e12 * compute_fraction
     layer_flops = layer_flops_per_token(config, seq)
     head_flops = 6 * config.vocab_size * config.hidden_size
     tp_bw = _link(tensor, gpus_per_node, gpu)

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from multiproc import run_ranks
@@ -15,7 +16,7 @@ from megamobi.plan.__main__ import main
 from megamobi.plan.layouts import Layout, with_layout
 from megamobi.training.run_config import RunConfig, load_run_config
 
-PAPER_CONFIG = "configs/pretrain-mobillama-0.5b.yaml"
+PAPER_CONFIG = str(Path(__file__).resolve().parents[2] / "configs/pretrain-mobillama-0.5b.yaml")
 CLUSTER = ["--nodes", "20", "--gpus-per-node", "8", "--gpu", "a100-80gb"]
 CANDIDATE_KEYS = {"tensor", "pipeline", "data", "micro_batch", "zero_stage", "activation_checkpointing",
                   "sequence_parallel", "fits", "memory_gb", "step_s", "tokens_per_s", "tokens_per_s_per_gpu"}
@@ -35,7 +36,7 @@ def _run(argv, capsys):
 def paper_json():
     """The JSON lines of the paper's own setting (its config's data is on a cluster, not here)."""
     result = subprocess.run([sys.executable, "-m", "megamobi.plan", "--config", PAPER_CONFIG, *CLUSTER, "--json"],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
     assert result.returncode == 0, result.stderr
     return [json.loads(line) for line in result.stdout.splitlines()]
 
