@@ -51,6 +51,21 @@ def test_out_of_vocabulary_ids_are_refused_before_any_process(tmp_path, wide_sha
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_old_manifests_without_max_token_id_are_scanned(tmp_path, wide_shards, repo_root):
+    """A manifest from before max_token_id whose vocabulary exceeds the model's: the shards are scanned."""
+    from megamobi.data.token_ids import max_token_id
+
+    shards = tmp_path / "old"
+    shutil.copytree(wide_shards, shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    largest = manifest.pop("max_token_id")
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    assert max_token_id(shards, model_vocab_size=512) == largest  # scanned, not taken from vocab_size 1000
+    config = write_run_yaml(tmp_path / "run.yaml", make_run(tmp_path / "r", shards))
+    proc = _pretrain(repo_root, config, "--check-only")
+    assert proc.returncode == 2 and f"token ids up to {largest} do not fit the model's vocab_size 512" in proc.stderr
+
+
 def test_the_loader_guards_batches_when_a_manifest_understates_its_ids(tmp_path, wide_shards, repo_root):
     """An old manifest (no max_token_id) claiming a 512-token vocabulary passes the start checks; the
     loader's guard stops step 1 with the message instead of the embedding's IndexError."""
