@@ -1,6 +1,6 @@
 """megamobi.replay against what real runs consumed: a 2-rank run (blend + validation split) recording
-every micro-batch through the MEGAMOBI_RECORD_BATCHES hook, killed with -9, resumed on 1 rank,
-stopped by SIGUSR1, resumed on 2 ranks again. The replay of all steps equals the record of the
+every micro-batch through the MEGAMOBI_RECORD_BATCHES hook, killed with -9, resumed as 2 pipeline
+stages (one data-parallel rank), stopped by SIGUSR1, resumed on 2 data-parallel ranks again. The replay of all steps equals the record of the
 attempt that each step's checkpoint descends from; the logged loss of step k is the loss of the
 step k-1 checkpoint on the sequences replay lists for step k; --find and --mix agree."""
 
@@ -63,10 +63,12 @@ def _recorded(attempt_dirs):
 
 
 def test_replay_equals_what_each_rank_consumed_across_kill_and_reshard(tmp_path, token_shards, monkeypatch):
-    run = make_run(tmp_path / "run", token_shards, train={"steps": STEPS, "seed": 11, "log_interval": 1},
-                   data={"paths": [str(token_shards)], "seed": 7, "val_fraction": 0.1,
-                         "source_weights": {"c4": 1.0, "arxiv": 2.0}},
-                   checkpoint={"interval_tokens": GB * SEQ})  # every step: step k-1 exists for every k
+    settings = dict(train={"steps": STEPS, "seed": 11, "log_interval": 1},
+                    data={"paths": [str(token_shards)], "seed": 7, "val_fraction": 0.1,
+                          "source_weights": {"c4": 1.0, "arxiv": 2.0}},
+                    checkpoint={"interval_tokens": GB * SEQ})  # every step: step k-1 exists for every k
+    run = make_run(tmp_path / "run", token_shards, **settings)
+    pipelined = make_run(tmp_path / "run", token_shards, parallel={"pipeline": 2, "zero_stage": 1}, **settings)
     attempts = [tmp_path / f"record{i}" for i in range(3)]
     # 1: two ranks, killed with -9 once step 5 is logged.
     monkeypatch.setenv(ENV, str(attempts[0]))
@@ -79,9 +81,10 @@ def test_replay_equals_what_each_rank_consumed_across_kill_and_reshard(tmp_path,
         os.kill(p.pid, signal.SIGKILL)
     for p in procs:
         p.join()
-    # 2: one rank (resharded resume), stopped by SIGUSR1 after step 6; 3: two ranks to the end.
+    # 2: two pipeline stages, so one data-parallel rank (a resharded resume), stopped by SIGUSR1 after
+    # step 6; 3: two data-parallel ranks again, to the end.
     monkeypatch.setenv(ENV, str(attempts[1]))
-    run_ranks(_train, world_size=1, args=(run, StopsAfterStep6))
+    run_ranks(_train, world_size=2, args=(pipelined, StopsAfterStep6))
     monkeypatch.setenv(ENV, str(attempts[2]))
     run_ranks(_train, world_size=2, args=(run,))
 
