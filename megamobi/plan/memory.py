@@ -123,9 +123,8 @@ def static_bytes(stage: Stage, *, precision: str, zero_stage: int, data: int, ds
     elif zero_stage == 0 or (e == 2 and zero_stage == 1):
         comm = 4.0 * min(n, DS_ALLREDUCE_BUCKET)  # flattened fp32 gradients for the bucketed all-reduce
     else:
-        overlap = bool(z["overlap_comm"])
-        grad_e = 4.0 if e == 4 else 2.0
-        comm = grad_e * z["reduce_bucket"] * (2 if overlap else 1) if z["contiguous_gradients"] else 0.0
+        buffers = 2 if z["overlap_comm"] else 1  # double-buffered with overlap_comm (off by default for 1-2)
+        comm = e * z["reduce_bucket"] * buffers if z["contiguous_gradients"] else 0.0
     return {"params": params, "grads": grads, "optimizer": optimizer, "comm_buffers": comm}
 
 

@@ -101,7 +101,7 @@ def estimate_step(config: ModelConfig, stages: list[Stage], *, gpu: GPU, gpus_pe
     n = float(worst.params)
     dp_bw = _link(data * tensor, gpus_per_node, gpu)
     if zero_stage == 0:
-        dp_s = _ring(4 * n if e == 4 else 2 * n, data, dp_bw, all_reduce=True)
+        dp_s = _ring(e * n, data, dp_bw, all_reduce=True)  # fp32 only: bf16 + ZeRO-0 is refused
     elif zero_stage == 1 and e == 2:  # BF16_Optimizer: fp32 all-reduce, then bf16 all-gather of the weights
         dp_s = _ring(4 * n, data, dp_bw, all_reduce=True) + _ring(2 * n, data, dp_bw, all_reduce=False)
     elif zero_stage in (1, 2):
