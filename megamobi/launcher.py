@@ -231,6 +231,9 @@ def run_node(plan: NodePlan, *, run_config: str, overrides: list[str], env: dict
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):  # asked for: exit 0 (a wrong invocation below exits 2)
+        print(__doc__)
+        return 0
     try:
         if argv[:1] == ["world-size"]:
             print(plan_from_env().world_size)
