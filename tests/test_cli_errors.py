@@ -151,7 +151,8 @@ CASES = [
     ("megamobi.convert.__main__:main", ["to-gguf", "--checkpoint", "{ckpt}", "--output", "{root}/a-dir", "--overwrite"], "is a directory"),
     ("megamobi.convert.__main__:main", ["from-hf", "--model", "{root}/a-dir", "--output", "{ckpt}"], "pass --overwrite"),
     ("megamobi.convert.__main__:main", ["from-hf", "--model", "{root}/a-dir", "--output", "{shards}"], "not an empty directory"),
-    ("megamobi.convert.__main__:main", ["to-hf", "--checkpoint", "{run_dir}", "--output", "{root}/hf"], "{run_dir}"),
+    ("megamobi.convert.__main__:main", ["to-hf", "--checkpoint", "{run_dir}", "--output", "{root}/hf"],
+     "is a run directory; give one of its checkpoints, e.g. {ckpt}"),
     # data_tools
     ("megamobi.data.cli:preprocess_main", ["--input", "{root}/corpus.txt", "--output", "{root}/corpus.txt"], "--output {root}/corpus.txt: is a file"),
     ("megamobi.data.cli:preprocess_main", ["--input", "x", "--output", "{root}/o", "--chunk-mb", "0"], "argument --chunk-mb"),
@@ -217,7 +218,7 @@ def outcomes(world):
         return {i: result for tool, idx in by_tool.items() for i, result in zip(idx, futures[tool].result())}
 
 
-@pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{c[0].split(':')[0].split('.')[-1]}-{' '.join(c[1])[:40]}"
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{c[0].split(':')[0].removesuffix('.__main__').split('.')[-1]}-{' '.join(c[1])[:40]}"
                                                           for c in CASES])
 def test_user_mistake_exits_2_naming_it(index, outcomes, world):
     expected = CASES[index][2]

@@ -21,6 +21,10 @@ def load_checkpoint(checkpoint_dir: str | Path) -> tuple[ModelConfig, dict[str, 
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise ConversionError(f"{checkpoint_dir}: checkpoint directory not found")
+    latest = checkpoint_dir / "checkpoints" / "latest"
+    if latest.is_file() and not (checkpoint_dir / "megamobi.json").exists():
+        raise ConversionError(f"--checkpoint {checkpoint_dir}: is a run directory; give one of its checkpoints, e.g. "
+                              f"{checkpoint_dir / 'checkpoints' / latest.read_text().strip()}")
     problems = verify_checkpoint(checkpoint_dir)
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
