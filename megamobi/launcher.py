@@ -168,13 +168,20 @@ class NodeRanks:
                                        env={**env, **plan.rank_env(k)}, start_new_session=True)
                       for k in range(plan.procs_per_node)]
         self.interrupts = 0
+        self.first_interrupt = 0.0
 
     def forward(self, signum, frame) -> None:
         """SIGTERM / SIGUSR1 / SIGINT reach every rank; each saves a checkpoint and exits. No deadline
         here: under SLURM the job's KillWait (or the time limit) is the only bound. A second Ctrl-C
         kills the ranks (the save in progress is abandoned; the previous checkpoint stays intact)."""
         if signum == signal.SIGINT:
+            # A terminal's Ctrl-C reaches both launch/pretrain.sh (which passes it on) and this process:
+            # count interrupts at least a second apart.
+            now = time.monotonic()
+            if self.interrupts and now - self.first_interrupt < 1.0:
+                return
             self.interrupts += 1
+            self.first_interrupt = self.first_interrupt or now
             if self.interrupts == 1:
                 print("megamobi.launcher: interrupted: the ranks save a checkpoint and stop (Ctrl-C again to kill "
                       "them without saving)", file=sys.stderr, flush=True)
