@@ -13,6 +13,7 @@ written), 2 for a mistake in the command line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
@@ -241,6 +242,8 @@ def run(args: argparse.Namespace) -> int:
             finally:
                 if not args.keep_hf and not existed:
                     shutil.rmtree(cache, ignore_errors=True)  # 2 GB per 0.5B checkpoint: do not keep hundreds
+                    with contextlib.suppress(OSError):
+                        cache.parent.rmdir()  # only when empty
             _write_json(json_dir / f"{checkpoint.name}.json", record)
             print(format_table(record["table"]), flush=True)
             return record

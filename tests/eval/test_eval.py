@@ -14,6 +14,7 @@ import pytest
 from conftest import TASK_DIR
 
 from megamobi.eval.cli import main as eval_main
+from megamobi.eval.model_source import resolve_model
 from megamobi.eval.suite import PAPER_SUITE
 from megamobi.eval.sweep import checkpoints_to_evaluate
 
@@ -131,6 +132,8 @@ def test_checkpoints_sweep_writes_one_row_per_checkpoint_and_resumes(tmp_path, t
             "--include-path", str(TASK_DIR), "--device", "cpu", "--limit", "6", "--output", str(csv_path)]
     for key, value in offline_env(tmp_path).items():
         monkeypatch.setenv(key, value)
+    # An export that existed before the sweep (a single-checkpoint evaluation's cache) is kept.
+    resolve_model(trained_run / CKPT, tokenizer=eval_tokenizer, progress=False)
     assert eval_main(args) == 0
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -139,6 +142,7 @@ def test_checkpoints_sweep_writes_one_row_per_checkpoint_and_resumes(tmp_path, t
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [f"step_000000{s}.json" for s in (2, 4, 6)]
     # The sweep's exports are removed afterwards (one per checkpoint would fill the disk on a real run)...
     assert not (trained_run / "checkpoints" / ".hf-eval" / "step_0000002").exists()
+    assert (trained_run / "checkpoints" / ".hf-eval" / "step_0000006" / "config.json").is_file()
     before = csv_path.read_text()
     capsys.readouterr()
     assert eval_main(args) == 0  # ... and a second run finds nothing to do.
@@ -216,3 +220,33 @@ def test_a_bad_value_through_the_real_command_is_one_line(repo_root):
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("python -m megamobi.eval: error: argument --batch-size: 0 must be a positive "
                                    "whole number (see --help)")
+
+
+def test_the_tokenizer_is_found_from_the_training_data(tmp_path, eval_tokenizer):
+    from megamobi.eval.model_source import find_training_tokenizer
+    from megamobi.files import sha256_file
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    manifest = {"run_config": {"data": {"paths": [str(tmp_path / "gone"), str(shards)]}}}
+    (shards / "manifest.json").write_text(json.dumps({"tokenizer": {"path": str(eval_tokenizer),
+                                                                    "sha256": sha256_file(eval_tokenizer)}}))
+    assert find_training_tokenizer(manifest) == eval_tokenizer
+    # A tokenizer file that changed since the data was made is not the data's tokenizer.
+    (shards / "manifest.json").write_text(json.dumps({"tokenizer": {"path": str(eval_tokenizer), "sha256": "0" * 64}}))
+    assert find_training_tokenizer(manifest) is None
+    (shards / "manifest.json").write_text(json.dumps({"tokenizer": {"path": None, "sha256": None}}))  # Amber data
+    assert find_training_tokenizer(manifest) is None
+
+
+def test_the_export_is_reused_until_the_checkpoint_or_tokenizer_changes(tmp_path, trained_run, eval_tokenizer):
+    checkpoint, cache = trained_run / "checkpoints" / "step_0000004", tmp_path / "cache"
+    first = resolve_model(checkpoint, tokenizer=eval_tokenizer, cache_dir=cache, progress=False)
+    assert first.exported and (cache / "config.json").is_file() and first.provenance["step"] == 4
+    assert not resolve_model(checkpoint, tokenizer=eval_tokenizer, cache_dir=cache, progress=False).exported
+    other = tmp_path / "other.model"
+    other.write_bytes(eval_tokenizer.read_bytes())  # same bytes, same sha256: still the same export
+    assert not resolve_model(checkpoint, tokenizer=other, cache_dir=cache, progress=False).exported
+    (cache / "megamobi-eval-source.json").write_text("{}")  # a stamp that no longer matches
+    assert resolve_model(checkpoint, tokenizer=eval_tokenizer, cache_dir=cache, progress=False).exported
+    assert not list(tmp_path.glob("*.tmp"))
