@@ -1,9 +1,10 @@
-"""The paper's learning-rate schedule: linear warmup, then cosine decay to min_lr at the last step.
+"""The paper's learning-rate schedule: linear warmup, then cosine decay reaching min_lr where the run ends.
 
 Same formula as the released MobiLlama / TinyLlama scripts, indexed by optimizer step:
     lr(s) = lr * s / warmup                                    for s < warmup
     lr(s) = min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2     p = (s - warmup) / (total - warmup)
-and min_lr from the last step on. `step` counts every step taken, skipped ones too (their data was
+and min_lr from s = total on. Step s (0-based) trains with lr(s), so the last step (total - 1) runs just
+above min_lr, by (lr - min_lr) * (1 - cos(pi / (total - warmup))) / 2. `step` counts every step taken, skipped ones too (their data was
 consumed), so the schedule is a pure function of the step counter and a resume recomputes it.
 """
 
