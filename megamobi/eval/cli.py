@@ -163,6 +163,8 @@ def evaluate_checkpoint(checkpoint: Path, *, plan: list[tuple[str, int | None]],
         run = run_task(lm, task=task, num_fewshot=shots, limit=args.limit, task_manager=task_manager,
                        log_samples=args.log_samples)
         if run.status != "ok":
+            if args.verbose and run.detail:
+                print(run.detail, file=sys.stderr)
             print(f"{PROG}: {run.message}", file=sys.stderr, flush=True)
         runs.append(run)
     name = source.provenance.get("model_name") or checkpoint.name

@@ -4,7 +4,9 @@ reported in one line and the other tasks still run."""
 from __future__ import annotations
 
 import re
+import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 # What `datasets` raises for a dataset it cannot get: offline mode with no cached copy
@@ -32,10 +34,10 @@ class TaskRun:
     n_samples: dict[str, Any] = field(default_factory=dict)
     subtasks: dict[str, dict[str, float]] = field(default_factory=dict)
     samples: dict[str, list] = field(default_factory=dict)
+    detail: str = ""                  # the traceback of a failed task, shown with --verbose
 
     def to_json(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k != "samples"}
-        return out
+        return {k: v for k, v in self.__dict__.items() if k not in ("samples", "detail")}
 
 
 def fetch_command(task: str) -> str:
@@ -66,7 +68,14 @@ def _chain(err: BaseException):
         err = err.__cause__ or err.__context__
 
 
+def _is_local_file(dataset: str) -> bool:
+    return dataset.startswith(("/", "./", "../")) or Path(dataset).suffix in (".json", ".jsonl", ".csv", ".parquet")
+
+
 def missing_message(task: str, dataset: str) -> str:
+    if _is_local_file(dataset):
+        return (f"task {task}: data file {dataset} not found; fix data_files in the task's YAML "
+                "(a relative path is relative to the working directory)")
     return (f"task {task}: dataset {dataset} is not in the datasets cache and this machine is offline; "
             f"on a connected machine run `{fetch_command(task)}` (or any lm-eval run of {task}), then copy its "
             "Hugging Face datasets cache (~/.cache/huggingface/datasets, or $HF_DATASETS_CACHE) here")
@@ -92,7 +101,7 @@ def run_task(lm, *, task: str, num_fewshot: int | None, limit: int | None, task_
                            message=missing_message(task, dataset))
         first_line = (str(err).strip().splitlines() or [""])[0]
         return TaskRun(task=task, num_fewshot=num_fewshot, status="failed",
-                       message=f"task {task}: {type(err).__name__}: {first_line}")
+                       message=f"task {task}: {type(err).__name__}: {first_line}", detail=traceback.format_exc())
     return _task_run(out, task=task, num_fewshot=num_fewshot)
 
 
@@ -129,8 +138,9 @@ def download_task(task: str, *, task_manager) -> TaskRun:
     except Exception as err:
         dataset = missing_dataset_of(err, task=task, task_manager=task_manager)
         if dataset is not None:
-            return TaskRun(task=task, num_fewshot=None, status="missing_dataset", dataset=dataset,
-                           message=f"task {task}: dataset {dataset} could not be fetched (offline or not on the Hub): "
-                                   f"{(str(err).splitlines() or [''])[0]}")
+            message = (missing_message(task, dataset) if _is_local_file(dataset) else
+                       f"task {task}: dataset {dataset} could not be fetched (offline or not on the Hub): "
+                       f"{(str(err).splitlines() or [''])[0]}")
+            return TaskRun(task=task, num_fewshot=None, status="missing_dataset", dataset=dataset, message=message)
         return TaskRun(task=task, num_fewshot=None, status="failed", message=f"task {task}: {type(err).__name__}: {err}")
     return TaskRun(task=task, num_fewshot=None, status="ok")

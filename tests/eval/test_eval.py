@@ -95,6 +95,7 @@ def test_accuracy_is_the_models_own_and_a_missing_dataset_is_one_line(
 
 def test_stock_lm_eval_cli_gives_the_same_loglikelihoods(tmp_path, trained_run, eval_tokenizer, own_loglikelihoods,
                                                            repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)  # the shipped task's data_files path is relative to it
     hf_dir = tmp_path / "hf"
     subprocess.run([sys.executable, "-m", "megamobi.convert", "to-hf", "--checkpoint", str(trained_run / CKPT),
                     "--output", str(hf_dir), "--dtype", "fp32", "--tokenizer", str(eval_tokenizer)],
@@ -127,6 +128,7 @@ def test_stock_lm_eval_cli_gives_the_same_loglikelihoods(tmp_path, trained_run, 
 
 def test_checkpoints_sweep_writes_one_row_per_checkpoint_and_resumes(tmp_path, trained_run, eval_tokenizer,
                                                                      repo_root, monkeypatch, capsys):
+    monkeypatch.chdir(repo_root)  # the shipped task's data_files path is relative to it
     csv_path = tmp_path / "eval.csv"
     args = ["--checkpoints", str(trained_run), "--tokenizer", str(eval_tokenizer), "--tasks", "megamobi_tiny_mc",
             "--include-path", str(TASK_DIR), "--device", "cpu", "--limit", "6", "--output", str(csv_path)]
@@ -161,14 +163,18 @@ def test_every_k_picks_the_same_checkpoints_when_resumed():
 
 
 def test_download_mode_reports_each_task(tmp_path, repo_root, monkeypatch, capsys):
+    monkeypatch.chdir(repo_root)  # the shipped task's data_files path is relative to it
     for key, value in offline_env(tmp_path).items():
         monkeypatch.setenv(key, value)
-    status = eval_main(["--download", "--tasks", "megamobi_tiny_mc,megamobi_missing_dataset",
+    status = eval_main(["--download", "--tasks", "megamobi_tiny_mc,megamobi_missing_dataset,megamobi_bad_data_file",
                         "--include-path", str(TASK_DIR)])
     out = capsys.readouterr().out.splitlines()
     assert status == 1
     assert out[0] == "megamobi_tiny_mc: ok, in the datasets cache"
     assert out[1].startswith("megamobi_missing_dataset: task megamobi_missing_dataset: dataset megamobi-tests/never-downloaded")
+    assert out[2].startswith("megamobi_bad_data_file: task megamobi_bad_data_file: data file ")
+    assert out[2].endswith("tests/eval/tasks/no_such_file.jsonl not found; fix data_files in the task's YAML "
+                           "(a relative path is relative to the working directory)")
 
 
 @pytest.mark.parametrize("argv, expected", [
