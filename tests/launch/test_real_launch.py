@@ -113,3 +113,22 @@ def test_sigterm_during_a_slow_save_lets_the_save_finish(tmp_path, token_shards)
     assert len(checkpoints) == 1 and verify_checkpoint(checkpoints[0]) == []
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == checkpoints[0].name
     assert not list((tmp_path / "run" / "checkpoints").glob(".step_*.partial"))
+
+
+def test_master_port_in_use_stops_the_launch_with_its_name(tmp_path, token_shards):
+    """Rank 0 cannot listen on MASTER_PORT: it says so (exit 2); the launcher stops the rank still
+    waiting at the rendezvous instead of letting it wait out the timeout."""
+    import socket
+
+    _relative_run(tmp_path, token_shards)
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        start = time.monotonic()
+        out = subprocess.run(["bash", str(REPO / "launch/pretrain.sh"), "run.yaml"], cwd=tmp_path, capture_output=True,
+                             text=True, env=_env(NPROC_PER_NODE="2", MASTER_PORT=str(port)), timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert f"rank 0 cannot listen on MASTER_PORT {port}: the port is already in use" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert time.monotonic() - start < 120  # not the 600 s rendezvous timeout
