@@ -21,7 +21,7 @@ from pathlib import Path
 
 PROG = "python -m megamobi.plot"
 FIG_SIZE_IN = (8.0, 5.0)
-DPI = 100  # every PNG is FIG_SIZE_IN * DPI = 800 x 500 pixels (benchmarks.png grows with its panels)
+DPI = 100  # every PNG is FIG_SIZE_IN * DPI = 800 x 500 pixels; benchmarks.png with 3+ panels: 1200 wide, 350 per row
 
 
 class PlotError(ValueError):
@@ -88,6 +88,17 @@ def _save(fig, path: Path, written: list[Path]) -> None:
     written.append(path)
 
 
+def _benchmark_column(column: str) -> bool:
+    """eval.csv columns worth a panel: every metric of a custom task, the headline metric of a paper task."""
+    if column in ("step", "tokens", "checkpoint") or "/" not in column:
+        return False
+    from megamobi.eval.suite import suite_task
+
+    task, metric = column.split("/", 1)
+    entry = suite_task(task)
+    return entry is None or entry.metric == metric
+
+
 def plot_runs(runs: dict[str, list[dict]], *, output: Path, evals: dict[str, list[dict[str, str]]] | None = None) -> list[Path]:
     import matplotlib
 
@@ -149,9 +160,16 @@ def plot_runs(runs: dict[str, list[dict]], *, output: Path, evals: dict[str, lis
     if evals:
         columns = []
         for rows in evals.values():
-            columns += [c for c in rows[0] if c not in ("step", "tokens", "checkpoint") and c not in columns]
-        fig, axes = _figure(plt, rows=max(1, len(columns)))
-        for ax, column in zip((a[0] for a in axes), columns):
+            columns += [c for c in rows[0] if _benchmark_column(c) and c not in columns]
+        # Up to two panels stacked at the usual size; more in a grid of three per row, 350 px high each.
+        ncols = 1 if len(columns) <= 2 else 3
+        nrows = max(1, math.ceil(len(columns) / ncols))
+        size = FIG_SIZE_IN if ncols == 1 else (12.0, 3.5 * nrows)
+        fig, axes = plt.subplots(nrows, ncols, figsize=size, dpi=DPI, squeeze=False)
+        panels = [ax for row in axes for ax in row]
+        for ax in panels[len(columns):]:
+            ax.set_visible(False)
+        for ax, column in zip(panels, columns):
             for name, rows in evals.items():
                 points = [(float(r["tokens"]), 100 * float(r[column])) for r in rows if r.get(column) not in (None, "")]
                 if points:

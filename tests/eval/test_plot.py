@@ -59,6 +59,19 @@ def test_default_output_is_the_run_dir(tmp_path, trained_run):
     assert sorted(p.name for p in (run / "plots").iterdir()) == sorted(FIGURES)
 
 
+def test_paper_tasks_get_their_headline_metric_panels(tmp_path, trained_run):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(trained_run / "metrics.jsonl", run / "metrics.jsonl")
+    (run / "eval.csv").write_text(
+        "step,tokens,checkpoint,hellaswag/acc,hellaswag/acc_norm,mmlu/acc,piqa/acc,piqa/acc_norm,my_task/f1,my_task/em\n"
+        "2,512,step_0000002,0.25,0.26,0.24,0.50,0.51,0.1,0.0\n6,1536,step_0000006,0.27,0.28,0.25,0.52,0.53,0.2,0.1\n")
+    assert plot_main([str(run), "--eval", str(run / "eval.csv"), "--output", str(tmp_path / "p")]) == 0
+    # hellaswag/acc_norm, mmlu/acc, piqa/acc_norm (the Table 4 metrics) and both metrics of my_task: 5 panels,
+    # three per row.
+    assert_real_picture(tmp_path / "p" / "benchmarks.png", (1200, 700))
+
+
 @pytest.mark.parametrize("setup, argv, expected", [
     (None, ["MISSING"], "MISSING: no such run directory"),
     ("file", ["FILE"], "FILE: is a file; pass a run directory"),
