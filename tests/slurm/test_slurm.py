@@ -55,10 +55,10 @@ def jobs(slurm, token_shards, tmp_path_factory):
     submitted = {"root": root, "reference": reference, "run_yaml": run_yaml}
 
     def submit(name, sbatch_args, overrides, **env):
-        run_dir = root / name
-        job_id = slurm.sbatch([*ON_THIS_CLUSTER, f"--job-name=megamobi-test-{name}", *sbatch_args, SCRIPT, str(run_yaml),
-                               f"run_dir={run_dir}", *overrides], cwd=root, env=slurm.job_env(**env))
-        submitted[name] = (job_id, run_dir)
+        # Relative paths: the run config and run_dir resolve from the submit directory.
+        job_id = slurm.sbatch([*ON_THIS_CLUSTER, f"--job-name=megamobi-test-{name}", *sbatch_args, SCRIPT, run_yaml.name,
+                               f"run_dir={name}", *overrides], cwd=root, env=slurm.job_env(**env))
+        submitted[name] = (job_id, root / name)
 
     # From the repository root with the script's own --output=logs/%x-%j.out (the committed logs/ folder).
     job_id = slurm.sbatch([*ON_THIS_CLUSTER, "--job-name=megamobi-test-requeue", "--nodes=1", SCRIPT, str(run_yaml),
