@@ -116,3 +116,17 @@ def test_dry_run_refuses_a_config_that_cannot_work_at_that_size(tmp_path, token_
     out = subprocess.run(["bash", str(REPO / "launch/pretrain.sh"), str(run_yaml)], env=env, capture_output=True, text=True)
     assert out.returncode == 2
     assert "global_batch_size 8 is not divisible by micro_batch_size x data-parallel size = 2 x 32" in out.stderr
+
+
+def test_early_stop_without_requeue_says_what_to_do(monkeypatch, capsys):
+    from megamobi.training.early_stop import finish_early_stop
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    status = finish_early_stop(signal_name="SIGUSR1", step=7, checkpoint=Path("run/checkpoints/step_0000007"),
+                               requeue=False, is_rank0=True)
+    line = capsys.readouterr().out.strip()
+    assert status == 75
+    assert line == ("megamobi: stopped early by SIGUSR1 at step 7 after saving run/checkpoints/step_0000007; "
+                    "launch.requeue is off: resubmit the same command to continue (exit status 75)")
+    assert finish_early_stop(signal_name="SIGTERM", step=7, checkpoint=None, requeue=True, is_rank0=False) == 75
+    assert capsys.readouterr().out == ""  # only rank 0 speaks; a SIGTERM never requeues

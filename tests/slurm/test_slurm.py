@@ -169,3 +169,14 @@ def test_host_lists_agree_with_scontrol(slurm, hostlist, hosts):
     else:
         assert expand_nodelist(hostlist) == expected == hosts
     assert expand_nodelist(slurm.hostlist(hosts)) == hosts  # SLURM's own compression reads back the same
+
+
+def test_a_refused_requeue_is_reported(slurm, monkeypatch, capsys):
+    """`scontrol requeue` of a job SLURM does not know: the last line says so and asks for a resubmit."""
+    from megamobi.training.early_stop import finish_early_stop
+
+    monkeypatch.setenv("SLURM_JOB_ID", "999999")
+    monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
+    assert finish_early_stop(signal_name="SIGUSR1", step=3, checkpoint=None, requeue=True, is_rank0=True) == 75
+    line = capsys.readouterr().out.strip()
+    assert "`scontrol requeue 999999` failed (" in line and "resubmit the same command to continue" in line
