@@ -165,7 +165,8 @@ class NodeRanks:
     def __init__(self, plan: NodePlan, *, python: str, run_config: str, overrides: list[str], env: dict[str, str]):
         # Own session: a Ctrl-C in the terminal reaches the launcher only, which asks the ranks to save.
         self.procs = [subprocess.Popen(plan.rank_command(k, python=python, run_config=run_config, overrides=overrides),
-                                       env={**env, **plan.rank_env(k)}, start_new_session=True)
+                                       env={**env, **plan.rank_env(k)}, start_new_session=True,
+                                       preexec_fn=_ignore_usr1)
                       for k in range(plan.procs_per_node)]
         self.interrupts = 0
         self.first_interrupt = 0.0
@@ -219,6 +220,12 @@ class NodeRanks:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _ignore_usr1() -> None:
+    """In each rank before exec: SIGUSR1's default action is to exit, and SLURM's warning may come while
+    a rank is still starting; megamobi.pretrain installs its own handler (save and stop) once it can."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _exit_status(returncode: int) -> int:
