@@ -42,7 +42,7 @@ repo=${MEGAMOBI_HOME:-$(cd "$(dirname "$0")/.." && pwd)}
 if [ ! -d "$repo/megamobi" ] && [ -n "${SLURM_JOB_ID:-}" ] && command -v scontrol >/dev/null; then
   script=$(scontrol show job "$SLURM_JOB_ID" | awk '{ for (i = 1; i <= NF; i++) if ($i ~ /^Command=/) { sub(/^Command=/, "", $i); print $i } }')
   case "$script" in /*) ;; *) script="${SLURM_SUBMIT_DIR:-.}/$script" ;; esac
-  repo=$(cd "$(dirname "$script")/.." && pwd)
+  repo=$(cd "$(dirname "$script")/.." 2>/dev/null && pwd) || true
 fi
 if [ ! -d "$repo/megamobi" ]; then
   echo "launch/pretrain.sh: error: cannot find the megamobi project next to $0; set MEGAMOBI_HOME to its folder" >&2
