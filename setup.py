@@ -26,6 +26,6 @@ setup(
         "test": ["pytest>=8", "transformers>=4.45", "gguf>=0.10", "protobuf>=4", "megatron-core>=0.12",
                  "lm-eval>=0.4.5,<0.5", "accelerate>=0.26", "matplotlib>=3.7"],
         # GPU-only speed-ups, imported when present: never required.
-        "gpu": ["flash-attn>=2.5"],
+        "gpu": ["flash-attn>=2.5", "liger-kernel>=0.8"],
     },
 )

@@ -44,6 +44,9 @@ def test_megamobi_against_hf_report(micro_yaml, capsys):
         assert r["tflops"] == pytest.approx(report["flops_per_token"] * r["tokens_per_s"] / 1e12)
         assert r["mfu"] == pytest.approx(r["tflops"] / 1.0) and r["memory_gb"] is None  # no CUDA here
     assert report["ratio"] == pytest.approx(ours["tokens_per_s"] / theirs["tokens_per_s"])
+    # On CPU also by process CPU time per step (robust to other jobs on the machine), in the same sense.
+    assert ours["cpu_ms_per_step"] > 0 and theirs["cpu_ms_per_step"] > 0
+    assert report["cpu_time_ratio"] == pytest.approx(theirs["cpu_ms_per_step"] / ours["cpu_ms_per_step"])
     assert "loss chunked-linear-cross-entropy" in report["kernels"] and report["dtype"] == "fp32"
     # The table prints the same figures, the ratio last.
     assert throughput.table(report).splitlines()[-1].startswith("  ratio megamobi / hf-llama tokens/s:")
@@ -69,6 +72,7 @@ def test_trainer_mode_times_the_real_trainer(micro_yaml):
     trainer, plain = report["results"]["trainer"], report["results"]["plain"]
     assert report["mode"] == "trainer-vs-plain" and trainer["steps"] == 2 and plain["steps"] == 4  # before + after
     assert report["ratio"] == pytest.approx(trainer["tokens_per_s"] / plain["tokens_per_s"])
+    assert report["cpu_time_ratio"] == pytest.approx(plain["cpu_ms_per_step"] / trainer["cpu_ms_per_step"])
     assert report["kernels"].startswith("kernels (auto)")
 
 
