@@ -249,9 +249,6 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     try:
-        if argv[:1] in (["-h"], ["--help"]):
-            print(__doc__)
-            return 0
         if argv[:1] == ["world-size"]:
             print(plan_from_env().world_size)
             return 0
