@@ -98,6 +98,16 @@ def _tokenizer(args, replay):
         raise ReplayError(f"--tokenizer {path}: not a SentencePiece model ({err})") from None
 
 
+def _decode(sp, tokens) -> str:
+    """The text of `tokens`, or a ReplayError (exit 2) when the tokenizer is too small for the data's ids."""
+    if len(tokens) and int(max(tokens)) >= sp.get_piece_size():
+        from megamobi.data.replay import ReplayError
+
+        raise ReplayError(f"--tokenizer: {sp.get_piece_size()} tokens, but the data holds id {int(max(tokens))}: "
+                          "not the tokenizer these shards were made with")
+    return sp.decode(tokens)
+
+
 def _print_sequence(seq, *, text: str | None, as_json: bool) -> None:
     if as_json:
         record = seq.record()
@@ -114,14 +124,14 @@ def _print_sequence(seq, *, text: str | None, as_json: bool) -> None:
 def _list(replay, args) -> None:
     sp = _tokenizer(args, replay) if args.decode else None
     for seq in replay.sequences(*args.steps, rank=args.rank):
-        _print_sequence(seq, text=sp.decode(seq.tokens) if sp else None, as_json=args.json)
+        _print_sequence(seq, text=_decode(sp, seq.tokens) if sp else None, as_json=args.json)
 
 
 def _find_text(replay, args) -> int:
     sp = _tokenizer(args, replay)
     found = 0
     for seq in replay.sequences(*args.within, rank=args.rank):
-        text = sp.decode(seq.tokens)
+        text = _decode(sp, seq.tokens)
         if args.find_text in text:
             found += 1
             _print_sequence(seq, text=text if args.decode else None, as_json=args.json)
