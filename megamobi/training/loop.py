@@ -352,8 +352,8 @@ class Trainer:
                 **self.data_provenance.manifest_info(step=self.state.step),
             })
         self.logger.info(f"saved checkpoint {path}")
-        return path
         self.last_checkpoint = path
+        return path
 
 
 def _truncate_metrics(path: Path, *, after_step: int) -> None:

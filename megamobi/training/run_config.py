@@ -177,9 +177,9 @@ class RunConfig:
                               "for the weights, the optimizer state sharded)")
         if t.log_interval <= 0 or t.max_bad_steps <= 0:
             raise ConfigError("train.log_interval and train.max_bad_steps must be positive")
+        self.launch.validate()
         from megamobi.kernels.plan import validate_kernel_options
 
-        self.launch.validate()
         validate_kernel_options(kernels=t.kernels, compile=t.compile, compile_backend=t.compile_backend,
                                 tensor=self.parallel.tensor, pipeline=self.parallel.pipeline,
                                 zero_stage=self.parallel.zero_stage)
