@@ -88,7 +88,9 @@ EOF
   fi
 }
 
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A daemon is alive when its pid file names a running process (a killed daemon that nobody reaped
+# is a zombie: kill -0 still succeeds on it, so ask ps for its state).
+alive() { [ -f "$1" ] && ps -o stat= -p "$(cat "$1")" 2>/dev/null | grep -qv '^Z'; }
 
 # Remember what this script started, so that `stop` never touches anyone else's daemons.
 started() { echo "$1" >>"$dir/started"; }
@@ -121,13 +123,15 @@ start() {
     scontrol reconfigure >/dev/null 2>&1 || true
   fi
   if ! alive "$dir/slurmctld.pid"; then
-    slurmctld -f "$conf" || { say "slurmctld did not start; see $dir/log/slurmctld.log"; exit 3; }
+    # -c: forget jobs and node states of an earlier cluster whose daemons were killed (a CI machine
+    # reused after a session): a stale pending or requeued job must not take the nodes.
+    slurmctld -c -f "$conf" || { say "slurmctld did not start; see $dir/log/slurmctld.log"; exit 3; }
     started "$dir/slurmctld.pid"
   fi
   for n in $nodes; do
     if ! alive "$dir/slurmd-$n.pid"; then
       mkdir -p "$dir/spool/$n"
-      slurmd -f "$conf" -N "$n" || { say "slurmd -N $n did not start; see $dir/log/slurmd-$n.log"; exit 3; }
+      slurmd -c -f "$conf" -N "$n" || { say "slurmd -N $n did not start; see $dir/log/slurmd-$n.log"; exit 3; }
       started "$dir/slurmd-$n.pid"
     fi
   done
