@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-USAGE_ERROR = 2  # a user mistake: bad argument, wrong file, config error (argparse uses 2 as well)
+from megamobi.exit_codes import USAGE as USAGE_ERROR  # a user mistake (argparse uses 2 as well)
 
 
 class UserError(Exception):
