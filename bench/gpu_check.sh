@@ -2,7 +2,7 @@
 # Every GPU figure of issue 9 in one go, on a fresh one-GPU machine without network, in under 8 minutes.
 #
 #   bash bench/gpu_check.sh [OUT_DIR]        # figures to OUT_DIR (default: $OUT, else bench/gpu-check-out)
-#   bash bench/gpu_check.sh --cpu-dry-run [OUT_DIR]   # the same steps, tiny, on CPU (tests/bench/test_gpu_check_dry_run.py)
+#   bash bench/gpu_check.sh --cpu-dry-run [OUT_DIR]   # the same steps, tiny, on CPU (about 2 minutes; not in CI)
 #
 # Needs bench/wheels/ from `bash bench/gpu_wheels.sh` (DeepSpeed, liger-kernel and their missing
 # dependencies for CPython 3.12), which travels with the working tree. Steps, each bounded by a
