@@ -69,6 +69,9 @@ fi
 
 # --- 1. wheels and environment ---------------------------------------------------------------------
 WHEELS=(deepspeed==0.19.8 liger-kernel==0.8.5 hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 zstandard==0.25.0)
+if ! ls bench/wheels/deepspeed-*.whl >/dev/null 2>&1; then
+  say "bench/wheels/ has no DeepSpeed wheel: run 'bash bench/gpu_wheels.sh' on a machine with PyPI first (and carry bench/wheels)"
+fi
 if [ $DRY_RUN = 1 ]; then
   # Check that the wheels are there and installable by a CPython 3.12 x86-64 interpreter (no install).
   step wheels 120 "$PYTHON" -m pip install --quiet --dry-run --no-deps --no-index --find-links bench/wheels \
