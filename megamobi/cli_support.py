@@ -6,6 +6,7 @@ own status for a bad argument). No traceback. Cheap to import: no torch here.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -26,6 +27,8 @@ def _number(kind, text: str, *, minimum: float, strict: bool):
         value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    if not math.isfinite(value):  # float("inf") / float("nan") parse, but no size or rate is infinite
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     if value < minimum or (strict and value == minimum):
         raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum:g}, got {text}")
     return value

@@ -18,6 +18,15 @@ from megamobi.version import code_version
 
 MANIFEST_NAME = "megamobi.json"
 FORMAT_VERSION = 1
+CHECKPOINTS = "checkpoints"  # RUN_DIR/checkpoints/step_0000123/
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoint directories of a run with a manifest, oldest first (not yet checksum-verified)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / MANIFEST_NAME).is_file())
 
 
 def _payload_files(checkpoint_dir: Path) -> list[Path]:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from megamobi.checkpointing.manifest import complete_checkpoints, read_manifest
 from megamobi.files import sha256_file
 
 from .errors import DataError
@@ -29,7 +30,6 @@ from .sampler import epoch_permutation
 from .shard_dataset import ShardedDataset
 from .subsets import BlendedDataset, split_train_val
 
-CHECKPOINT_MANIFEST = "megamobi.json"
 PROVENANCE_KEY = "data_provenance"
 
 
@@ -99,13 +99,12 @@ def truncate_segments(segments: list[Segment], *, last_step: int) -> list[Segmen
 # --------------------------------------------------------------------------- checkpoints -> segments
 def read_checkpoint_manifests(run_dir: str | Path) -> list[tuple[Path, dict]]:
     """(checkpoint dir, megamobi.json) of every complete checkpoint, by step."""
-    root = Path(run_dir) / "checkpoints"
     found = []
-    for path in sorted(root.glob("step_*")) if root.is_dir() else []:
+    for path in complete_checkpoints(run_dir):
         try:
-            manifest = json.loads((path / CHECKPOINT_MANIFEST).read_text())
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-            continue  # incomplete or damaged: not part of any answer
+            manifest = read_manifest(path)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue  # damaged: not part of any answer
         if isinstance(manifest.get("step"), int):
             found.append((path, manifest))
     return sorted(found, key=lambda item: item[1]["step"])

@@ -68,8 +68,7 @@ def checkpoints_to_evaluate(checkpoints: list[tuple[int, Path]], *, done_steps: 
 def sweep(run_dir: Path, *, csv_path: Path, every: int | None,
           evaluate: Callable[[Path], dict[str, Any] | None], report: Callable[[str], None]) -> int:
     """Evaluate the run's complete checkpoints not yet in csv_path; returns how many rows were added."""
-    from megamobi.checkpointing.manifest import read_manifest
-    from megamobi.training.checkpoint import complete_checkpoints
+    from megamobi.checkpointing.manifest import complete_checkpoints, read_manifest
 
     checkpoints = [(int(read_manifest(p)["step"]), p) for p in complete_checkpoints(run_dir)]
     if not checkpoints:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -23,15 +22,8 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _positive_float(text: str) -> float:
-    value = positive_float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
 def _fraction(text: str) -> float:
-    value = _positive_float(text)
+    value = positive_float(text)
     if value > 1:
         raise argparse.ArgumentTypeError(f"must be within (0, 1], got {text}")
     return value
@@ -63,10 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per candidate and line, best first")
     p.add_argument("--for-run", type=_run_dir, default=None, metavar="RUN_DIR",
                    help="compare this config's layout with what RUN_DIR/metrics.jsonl measured")
-    p.add_argument("--peak-tflops", type=_positive_float, help="override the GPU's dense bf16 peak (TFLOP/s)")
-    p.add_argument("--memory-gb", type=_positive_float, help="override the GPU's memory (GiB)")
-    p.add_argument("--intra-gbps", type=_positive_float, help="override NVLink bandwidth (GB/s per GPU, one way)")
-    p.add_argument("--inter-gbps", type=_positive_float, help="override InfiniBand bandwidth (GB/s per GPU, one way)")
+    p.add_argument("--peak-tflops", type=positive_float, help="override the GPU's dense bf16 peak (TFLOP/s)")
+    p.add_argument("--memory-gb", type=positive_float, help="override the GPU's memory (GiB)")
+    p.add_argument("--intra-gbps", type=positive_float, help="override NVLink bandwidth (GB/s per GPU, one way)")
+    p.add_argument("--inter-gbps", type=positive_float, help="override InfiniBand bandwidth (GB/s per GPU, one way)")
     p.add_argument("--compute-fraction", type=_fraction, default=DEFAULT_COMPUTE_FRACTION,
                    help=f"achievable share of peak in compute (default {DEFAULT_COMPUTE_FRACTION})")
     return p

@@ -29,12 +29,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megamobi.checkpointing.manifest import verify_checkpoint, write_manifest
+from megamobi.checkpointing.manifest import CHECKPOINTS, complete_checkpoints, verify_checkpoint, write_manifest
 from megamobi.files import write_json_atomic
 from megamobi.model_config import ModelConfig
 from megamobi.training.early_stop import slow_save_for_tests
 
-CHECKPOINTS = "checkpoints"
 DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "state"
 TRAINER_STATE = "trainer_state.json"
@@ -57,14 +56,6 @@ def checkpoint_name(step: int) -> str:
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINTS
-
-
-def complete_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Checkpoint directories with a manifest, oldest first (not yet checksum-verified)."""
-    root = checkpoints_dir(run_dir)
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / "megamobi.json").is_file())
 
 
 def find_resume_checkpoint(run_dir: str | Path, *, report) -> Path | None:

@@ -14,10 +14,10 @@ changed (in the next checkpoints' provenance and in metrics.jsonl).
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
+from megamobi.checkpointing.manifest import read_manifest
 from megamobi.config_io import ConfigError
 from megamobi.data.replay import (
     PROVENANCE_KEY,
@@ -100,7 +100,7 @@ class DataProvenance:
         self.changes: list[str] = []
         prior, step, consumed = [], 0, 0
         if resume_from is not None:
-            manifest = json.loads((Path(resume_from) / "megamobi.json").read_text())
+            manifest = read_manifest(resume_from)
             self.changes = data_changes(manifest, run)
             refuse_or_accept(self.changes, run=run, checkpoint=Path(resume_from))
             step, consumed = manifest.get("step", 0), manifest.get("consumed_samples", 0)

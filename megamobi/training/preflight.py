@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from megamobi.checkpointing.manifest import MANIFEST_NAME
+from megamobi.checkpointing.manifest import MANIFEST_NAME, complete_checkpoints
 from megamobi.config_io import ConfigError, from_dict
 from megamobi.model_config import ModelConfig
 
@@ -64,10 +64,7 @@ def check_same_model(checkpoint: str | Path, manifest: dict[str, Any], run_model
 
 def newest_own_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest completed checkpoint in run_dir (by name; checksums are checked at start, not here)."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return None
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and (p / MANIFEST_NAME).is_file())
+    done = complete_checkpoints(run_dir)
     return done[-1] if done else None
 
 
