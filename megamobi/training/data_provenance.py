@@ -115,9 +115,15 @@ class DataProvenance:
             data_manifests=manifest_checksums(run.data.paths), data_changed=list(self.changes))
         self.resumed_step = step
 
+    def record_skip(self, step: int) -> None:
+        """Step `step` consumed its samples without training on them (its update was refused)."""
+        self.current = dataclasses.replace(self.current, skipped_steps=sorted({*self.current.skipped_steps, step}))
+
     def manifest_info(self, *, step: int) -> dict[str, Any]:
         """The `data_provenance` entry of a checkpoint saved after `step`."""
-        segments = [*self.prior, dataclasses.replace(self.current, last_step=step)]
+        current = dataclasses.replace(self.current, last_step=step,
+                                      skipped_steps=[k for k in self.current.skipped_steps if k <= step])
+        segments = [*self.prior, current]
         return {PROVENANCE_KEY: [s.to_record() for s in merge_segments([s for s in segments if s.last_step >= s.first_step])]}
 
     def log_changes(self, logger) -> None:

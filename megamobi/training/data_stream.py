@@ -53,7 +53,8 @@ class RunData:
         return {path: sha256_file(Path(path) / "manifest.json") for path in self.run.data.paths}
 
     def train_batches(self, *, consumed_samples: int, dp_rank: int, dp_size: int) -> Iterator[dict]:
-        """Endless micro-batches for this data-parallel rank, continuing after `consumed_samples`."""
+        """Endless micro-batches for this data-parallel rank, continuing after `consumed_samples`; each
+        also names its training windows (`windows`: what a skipped step did not train on)."""
         sampler = GlobalBatchSampler(num_samples=len(self.train), global_batch_size=self.run.batch.global_batch_size,
                                      micro_batch_size=self.run.batch.micro_batch_size, dp_rank=dp_rank,
                                      dp_size=dp_size, seed=self.run.data.seed, consumed_samples=consumed_samples)
@@ -63,7 +64,31 @@ class RunData:
             check_batch_ids(samples, vocab_size=self.vocab_size, where=f"training windows {indices}")
             if record is not None:
                 record(indices, samples)
-            yield collate(samples)
+            yield {**collate(samples), "windows": list(indices)}
+
+    def step_windows(self, *, position: int, dp_rank: int, dp_size: int) -> list[int]:
+        """The training windows data-parallel rank `dp_rank` consumes in the step starting at global
+        position `position` (what a `poison` fault marks as bad data)."""
+        b = self.run.batch
+        sampler = GlobalBatchSampler(num_samples=len(self.train), global_batch_size=b.global_batch_size,
+                                     micro_batch_size=b.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                                     seed=self.run.data.seed, consumed_samples=position)
+        batches = iter(sampler)
+        return [i for _ in range(sampler.micro_batches_per_step) for i in next(batches)]
+
+    def window_origins(self, windows: list[int]) -> list[dict]:
+        """Where training windows come from: shard file, row, token offset."""
+        from megamobi.training.batch_record import _base_index
+
+        dataset = self.train.dataset
+        while hasattr(dataset, "base"):
+            dataset = dataset.base  # the ShardedDataset under the split / blend views
+        origins = []
+        for window in windows:
+            sample, part = divmod(int(window), self.train.per_sample)
+            shard, row = dataset.locate(_base_index(self.train.dataset, sample))
+            origins.append({"shard": str(dataset.bin_paths[shard]), "row": int(row), "offset": part * self.train.seq_len})
+        return origins
 
     def val_batches(self, *, dp_rank: int, dp_size: int) -> Iterator[dict]:
         if self.val is None:
