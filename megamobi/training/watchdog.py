@@ -239,14 +239,22 @@ class Watchdog:
                          f"watchdog cause: {cause}\n\n")
             stream.flush()
             faulthandler.dump_traceback(file=stream, all_threads=True)
+        fd = None
         if cause != "peer":
             try:
                 fd = os.open(config.report_dir / "report.txt", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
-                fd = None
-            if fd is not None:
-                with os.fdopen(fd, "w") as stream:
-                    self._report(stream, cause=cause)
+                pass
+        if fd is not None:
+            with os.fdopen(fd, "w") as stream:
+                self._report(stream, cause=cause)
+            (config.report_dir / "done").touch()
+        else:
+            # Exit only once the reporter has requeued the job: under SLURM the first exit ends the job
+            # step (--kill-on-bad-exit), which would kill the reporter mid-requeue.
+            deadline = time.monotonic() + 2 * config.interval_s + 30
+            while not (config.report_dir / "done").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(HUNG)
@@ -278,14 +286,14 @@ class Watchdog:
         if cause == "hang" and job_id and config.requeue:
             from megamobi.training.early_stop import requeue_job
 
-            next_step = requeue_job(job_id)  # SLURM then ends every process of this job
+            next_step = requeue_job(job_id, resumes_from="the newest checkpoint")  # SLURM then ends the job
         stream.write(next_step + "\n")
         print(f"megamobi: {what}; {named}; stacks in {config.report_dir}; {resume}; {next_step} (exit status {HUNG})",
               file=sys.stderr, flush=True)
 
     def _wait_for_dumps(self, beats: dict[int, dict], culprits: list[dict]) -> None:
-        """Give the other live ranks time to write their stacks before this one exits (the launcher then
-        stops what is left) or requeues the job (SLURM then kills everything)."""
+        """Give the other live ranks time to write their stacks before this one requeues the job (SLURM
+        then ends every process) or exits (the launcher then stops what is left)."""
         stale = {c["rank"] for c in culprits if "heartbeat stopped" in c["why"]}
         expected = [r for r in beats if r not in stale and r != self.config.rank]
         deadline = time.monotonic() + 2 * self.config.interval_s + 1
