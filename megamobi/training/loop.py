@@ -305,7 +305,7 @@ class Trainer:
                 refusal = "non-finite loss"
             elif refusal is None and grad_norm is not None and not math.isfinite(grad_norm):
                 refusal = "non-finite gradient"  # DeepSpeed skipped the step before our guard ran
-            skipped = refusal is not None or self.optimizer.last_step_skipped
+            skipped = refusal is not None
             self.faults.flip_after_update(step, self.recovery.flip_one_bit)
             tokens_before = state.consumed_tokens
             state.step += 1
@@ -319,8 +319,8 @@ class Trainer:
                 self.data_provenance.record_skip(step)
                 if self.recovery.counts_toward_max_bad_steps(step):
                     bad_in_a_row += 1
-                    self.logger.info(f"step {state.step}: {refusal or 'non-finite gradient'} (loss {loss}, grad norm "
-                                     f"{grad_norm}): update skipped ({bad_in_a_row} in a row)")
+                    self.logger.info(f"step {state.step}: {refusal} (loss {loss}, grad norm {grad_norm}): update "
+                                     f"skipped ({bad_in_a_row} in a row)")
                     if bad_in_a_row >= run.train.max_bad_steps:
                         raise NonFiniteLossError(
                             f"{bad_in_a_row} steps in a row had a non-finite loss or gradient norm, or a loss spike "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -76,8 +77,6 @@ class Recovery:
     # --- set-up ---------------------------------------------------------------------------------
     def _agree_on_attempt(self) -> str:
         """One name for this launch on every rank (its hang report folder)."""
-        import os
-
         box = [time.strftime("%Y%m%d-%H%M%S") + (f"-job{os.environ['SLURM_JOB_ID']}" if os.environ.get("SLURM_JOB_ID")
                                                    else f"-pid{os.getpid()}")]
         dist.broadcast_object_list(box, src=0)
@@ -124,13 +123,15 @@ class Recovery:
         return watchdog
 
     # --- events ---------------------------------------------------------------------------------
-    def _event(self, record: dict[str, Any], line: str) -> None:
+    def _event(self, record: dict[str, Any], line: str | None) -> None:
+        """One line in RUN_DIR/events.jsonl (rank 0) and, unless the loop says it itself, in the log."""
         t = self.trainer
         if t.rank == 0:
             ranks = record.get("ranks", [])
             append_event(t.run_dir, {"step": record.pop("step"), "kind": record.pop("kind"), "ranks": ranks,
                                      "hosts": [t.hosts[r] for r in ranks], **record})
-        t.logger.info(line)
+        if line:
+            t.logger.info(line)
 
     def _who(self, ranks: list[int]) -> str:
         return who(ranks, self.trainer.hosts)
@@ -191,9 +192,8 @@ class Recovery:
                         f"(events.jsonl has them; megamobi.replay shows them as skipped) and carrying on")
             return "skipped"
         action = self.config.action
-        if action == "skip":
-            self._event({"step": step, "kind": kind, "ranks": ranks, "action": "update skipped", **detail},
-                        f"{what}: update skipped")
+        if action == "skip":  # the loop logs the line, with the count of bad steps in a row
+            self._event({"step": step, "kind": kind, "ranks": ranks, "action": "update skipped", **detail}, None)
             return "skipped"
         if action == "stop":
             newest = self._newest_healthy(step)

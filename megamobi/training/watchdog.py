@@ -230,6 +230,17 @@ class Watchdog:
     def _give_up(self, cause: str) -> None:
         """Dump this rank's stacks; the first rank here writes the report; exit 76 (no cleanup: the
         main thread is stuck, and a save is exactly what cannot happen now)."""
+        try:
+            self._dump_and_report(cause)
+        except OSError as err:  # a full or read-only run_dir: still end the job, saying what is missing
+            print(f"megamobi: rank {self.config.rank}: {cause}: no progress at step {self.heartbeat.step} "
+                  f"{self.heartbeat.phase}; could not write the hang report ({err}) (exit status {HUNG})",
+                  file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(HUNG)
+
+    def _dump_and_report(self, cause: str) -> None:
         config, hb = self.config, self.heartbeat
         config.report_dir.mkdir(parents=True, exist_ok=True)
         dump = config.report_dir / f"rank{config.rank:05d}-{config.host}.txt"
@@ -255,9 +266,6 @@ class Watchdog:
             deadline = time.monotonic() + 2 * config.interval_s + 30
             while not (config.report_dir / "done").exists() and time.monotonic() < deadline:
                 time.sleep(0.1)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(HUNG)
 
     def _report(self, stream, *, cause: str) -> None:
         config, hb = self.config, self.heartbeat
