@@ -91,8 +91,8 @@ class ReplicaCheck:
         return tensors
 
     def flip_target(self) -> tuple[str, torch.Tensor] | None:
-        """The first replicated parameter of this rank (what the `flip` fault corrupts)."""
-        return (self.replicated[0], self.params[self.replicated[0]]) if self.replicated else None
+        """The first replicated parameter of this rank (what the `flip` fault corrupts); none under ZeRO-3."""
+        return (self.replicated[0], self.params[self.replicated[0]]) if self.enabled and self.replicated else None
 
     def checksums(self) -> dict[str, tuple[int, int]]:
         return {name: tensor_checksum(tensor) for name, tensor in self._tensors().items()}
