@@ -46,14 +46,18 @@ def test_three_replicas_name_the_flipped_one_by_majority_then_max_rewinds_stop(t
 
 
 def test_the_shared_ffn_replicas_of_pipeline_stages_are_compared(tmp_path, token_shards):
-    run = make_run(tmp_path / "p", token_shards, parallel={"pipeline": 2, "zero_stage": 1},
-                   train={"steps": 3, "seed": 11, "log_interval": 1, "consistency_check_interval": 1},
-                   checkpoint={"interval_tokens": 8 * 32})
+    sections = dict(parallel={"pipeline": 2, "zero_stage": 1}, checkpoint={"interval_tokens": 8 * 32},
+                    train={"steps": 3, "seed": 11, "log_interval": 1, "consistency_check_interval": 1})
+    run = make_run(tmp_path / "p", token_shards, **sections)
     assert run_ranks(_train, world_size=2, args=(run, "flip:step=2:rank=1")) == [None, None]
     mismatch, verdict = read_events(tmp_path / "p")
     assert mismatch["kind"] == "replica_mismatch" and mismatch["ranks"] == [0, 1] and not mismatch["majority"]
     assert mismatch["tensors"] and all(t.startswith("mlps.0.") for t in mismatch["tensors"])
     assert (verdict["kind"], verdict["step"], verdict["ranks"]) == ("transient", 2, [1])
+    # The in-process rewind of a pipeline engine re-runs bit for bit.
+    run_ranks(_train, world_size=2, args=(make_run(tmp_path / "reference", token_shards, **sections), ""))
+    losses = [[m["loss"] for m in read_metrics(tmp_path / d) if "loss" in m] for d in ("p", "reference")]
+    assert losses[0] == losses[1] and len(losses[0]) == 3
 
 
 def test_action_stop_names_the_rank_and_the_checkpoint_to_resume_from(tmp_path, token_shards):
@@ -64,3 +68,19 @@ def test_action_stop_names_the_rank_and_the_checkpoint_to_resume_from(tmp_path, 
     assert all("step 3: non-finite loss" in e and "on rank 1 (" in e and "step_0000002" in e for e in errors), errors
     assert _kinds(tmp_path / "s") == [(3, "non_finite", [1])]
     assert [p.name for p in sorted((tmp_path / "s" / "checkpoints").glob("step_*"))] == ["step_0000001", "step_0000002"]
+
+
+def test_the_hang_report_names_stopped_behind_and_silent_ranks():
+    from megamobi.training.watchdog import name_culprits
+
+    def beat(step, phase, *, age=0.0, micro_batch=0):
+        return {"step": step, "phase": phase, "micro_batch": micro_batch, "host": "h", "pid": 1, "in_phase_s": 9.0,
+                "written_at": 1000.0 - age}
+
+    same = {r: beat(7, "backward", micro_batch=1) for r in range(4)}
+    assert name_culprits(same, world_size=4, now=1000.0, stale_after_s=5) == []  # all wait in one collective
+    named = name_culprits({**same, 1: beat(7, "forward", age=30), 2: beat(7, "data")}, world_size=5, now=1000.0,
+                          stale_after_s=5)
+    assert [c["rank"] for c in named] == [4, 1, 2]  # no heartbeat at all, heartbeat stopped, behind
+    assert "never wrote a heartbeat" in named[0]["why"] and "heartbeat stopped 30 s ago" in named[1]["why"]
+    assert named[2]["why"].startswith("behind: at step 7 data")
