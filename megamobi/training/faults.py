@@ -153,7 +153,7 @@ class FaultInjector:
         self.mine = [f for f in faults if f.rank == rank]
         self.runs_of_step: dict[int, int] = {}
         self.poisoned_windows: set[int] = set()  # filled by the trainer from every `poison` fault
-        self._slowed_step = 0
+        self._slowed: tuple[int, int] | None = None  # (step, how many times it ran) last slowed down
 
     def __bool__(self) -> bool:
         return bool(self.faults)
@@ -170,9 +170,10 @@ class FaultInjector:
             sleep_forever()
 
     def forward_delay(self, step: int) -> None:
-        """Once per step (in its first forward pass): the `slow` faults' sleep."""
-        if step != self._slowed_step:
-            self._slowed_step = step
+        """Once per step (in its first forward pass; again when a rewind re-runs it): the `slow` sleep."""
+        run = (step, self.runs_of_step.get(step, 0))
+        if run != self._slowed:
+            self._slowed = run
             for fault in self._mine("slow"):
                 time.sleep(fault.ms / 1000)
 
