@@ -62,7 +62,7 @@ class Recovery:
         self.window = LossWindow(self.config, trainer.state.recent_losses)
         self.rewinds = 0
         self.suspect: Suspect | None = None
-        self.data_steps: dict[int, int] = {}  # step judged bad data -> the step whose re-run judged it
+        self.data_steps: set[int] = set()  # steps whose re-run reproduced the fault: bad data, always skipped
         self.first_pass: dict[int, float] = {}  # losses since the newest checkpoint: a re-run must repeat them
         interval = trainer.run.train.consistency_check_interval
         flips = any(f.kind == "flip" for f in trainer.faults.faults)
@@ -141,9 +141,7 @@ class Recovery:
         return self.window.limit()
 
     def forced_refusal(self, step: int) -> str | None:
-        if step in self.data_steps:
-            return f"bad data (the re-run of step {self.data_steps[step]} reproduced it)"
-        return None
+        return "bad data (its re-run reproduced the fault)" if step in self.data_steps else None
 
     def counts_toward_max_bad_steps(self, step: int) -> bool:
         """Skipped bad data is a decision, not a failure in a row."""
@@ -184,7 +182,7 @@ class Recovery:
         suspect = self.suspect
         if suspect is not None and suspect.step == step and suspect.kind in ("non_finite", "spike"):
             self.suspect = None
-            self.data_steps[step] = step
+            self.data_steps.add(step)
             samples = self._step_samples()
             self._event({"step": step, "kind": "data", "ranks": ranks, "samples": samples, "first": suspect.detail,
                          "action": "skipped the step's samples", **detail},
