@@ -44,6 +44,18 @@ def test_no_liger_without_cuda_and_no_liger_layers_when_compiled():
         choose_kernels(mode="fast", on_cuda=False)
 
 
+def test_flash_attention_is_planned_only_where_it_runs(monkeypatch):
+    """flash-attn takes bf16/fp16 tensors only: an fp32 run on a GPU gets SDPA and its log line says so."""
+    from megamobi.kernels import attention
+
+    monkeypatch.setattr(attention, "flash_attn_func", lambda *a, **k: pytest.fail("not called here"))
+    assert choose_kernels(on_cuda=True, precision="bf16").attention == "flash-attn"
+    fp32 = choose_kernels(on_cuda=True, precision="fp32")
+    assert fp32.attention == "sdpa" and "attention sdpa" in fp32.describe()
+    assert choose_kernels(on_cuda=False, precision="bf16").attention == "sdpa"
+    assert choose_kernels(mode="plain", on_cuda=True, precision="bf16").attention == "sdpa"
+
+
 def test_plain_plan_leaves_the_model_as_written():
     model = MobiLlama(dataclasses.replace(load_model_config("tiny"), num_layers=1))
     loss_fn = apply_kernels(model, choose_kernels(mode="plain", on_cuda=False), loss_fn=language_model_loss)
