@@ -85,13 +85,16 @@ export PYTHONPATH="$PWD:$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 {
   date -u; uname -a; nvidia-smi 2>/dev/null || echo "nvidia-smi: not available"
   "$PYTHON" - <<'PY'
-import importlib, sys, torch
+import importlib, importlib.metadata, sys, torch
 print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda,
       "| gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
 for name in ("transformers", "triton", "deepspeed", "liger_kernel", "flash_attn", "pydantic", "pytest"):
     try:
         module = importlib.import_module(name)
-        print(name, getattr(module, "__version__", "installed"))
+        try:
+            print(name, importlib.metadata.version(name.replace("_", "-")))
+        except importlib.metadata.PackageNotFoundError:
+            print(name, getattr(module, "__version__", "installed"))
     except Exception as err:  # an absent optional kernel is a fact to record, not a failure
         print(name, "unavailable:", type(err).__name__, str(err)[:120])
 import os, sysconfig
