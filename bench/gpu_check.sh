@@ -157,8 +157,8 @@ export PYTORCH_NVML_BASED_CUDA_CHECK=1
 step tests-gpu 120 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/kernels/test_gpu_kernels.py \
   tests/kernels/test_optimizer_kernels.py tests/kernels/test_chunked_loss.py tests/kernels/test_liger_interpreter.py \
   > "$OUT_DIR/tests.txt" 2>&1
-step tests-trainer 150 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/kernels/test_kernel_plan.py \
-  tests/kernels/test_kernel_config_errors.py tests/test_multiproc_harness.py >> "$OUT_DIR/tests.txt" 2>&1
+step tests-trainer 180 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/kernels/test_kernel_plan.py \
+  tests/test_multiproc_harness.py >> "$OUT_DIR/tests.txt" 2>&1
 unset PYTORCH_NVML_BASED_CUDA_CHECK
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT_DIR/tests.txt" | tail -n 12 | tee -a "$LOG"
 
