@@ -152,14 +152,15 @@ bench "micro-batch $MB" --micro-batch "$MB"
 # --- 4. fused paths against the plain path -------------------------------------------------------------
 # Two processes: the GPU tests initialise CUDA in pytest's own process, the Trainer tests start ranks
 # (spawned where CUDA is usable: tests/multiproc.py). PYTORCH_NVML_BASED_CUDA_CHECK: asking whether
-# CUDA is there (liger's and DeepSpeed's import-time probes) then does not initialise it.
-export PYTORCH_NVML_BASED_CUDA_CHECK=1
+# CUDA is there (liger's and DeepSpeed's import-time probes) then does not initialise it. No pytest
+# plugins: the machine's own (xdist, cov, benchmark, ...) were installed for its pytest, not ours.
+export PYTORCH_NVML_BASED_CUDA_CHECK=1 PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
 step tests-gpu 120 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/kernels/test_gpu_kernels.py \
   tests/kernels/test_optimizer_kernels.py tests/kernels/test_chunked_loss.py tests/kernels/test_liger_interpreter.py \
   > "$OUT_DIR/tests.txt" 2>&1
 step tests-trainer 180 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/kernels/test_kernel_plan.py \
   tests/test_multiproc_harness.py >> "$OUT_DIR/tests.txt" 2>&1
-unset PYTORCH_NVML_BASED_CUDA_CHECK
+unset PYTORCH_NVML_BASED_CUDA_CHECK PYTEST_DISABLE_PLUGIN_AUTOLOAD
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT_DIR/tests.txt" | tail -n 12 | tee -a "$LOG"
 
 # --- 5. throughput: the Trainer vs the plain step, then the other options (compile, the slowest, last) ----
