@@ -60,7 +60,7 @@ class Paths:
 
     def assert_kernels_as_accurate_as_plain(self, *, factor: float = 1.5, floor: float = 4e-3) -> None:
         """Each path's relative error against float64: the kernels' at most `factor` times the plain
-        path's, or under `floor` (half a bf16 unit: rounding whatever the plain path happened to get)."""
+        path's, or under `floor` (bf16's unit roundoff 2^-8: rounding, whatever the plain path happened to get)."""
         def errors(name):
             ref = self.reference.grads[name] if name else self.reference.loss
             plain = self.plain.grads[name] if name else self.plain.loss
