@@ -269,7 +269,7 @@ class Trainer:
             stop_signal = self._agreed_preemption()
             due = checkpoint_due(consumed_tokens_before=tokens_before, consumed_tokens_after=state.consumed_tokens,
                                  interval_tokens=run.checkpoint.interval_tokens)
-            if due or stop_signal or state.step == self.total_steps:
+            if due or stop_signal or (state.step == self.total_steps and run.checkpoint.save_final):
                 self.save()
             if stop_signal:
                 self.stopped_by = stop_signal

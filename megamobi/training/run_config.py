@@ -84,6 +84,9 @@ class CheckpointConfig:
     interval_tokens: int = 0  # 0: only at the end and on SLURM's warning signal
     keep_last: int | None = None  # None keeps every checkpoint (the paper released 300+)
     resume: bool = True  # continue from the latest complete checkpoint in run_dir
+    # false: no checkpoint when train.steps is reached (benchmarks: 0.5B writes ~7.5 GB for nothing);
+    # interval and signal checkpoints are still written.
+    save_final: bool = True
     # A checkpoint (e.g. from `python -m megamobi.convert from-hf`) whose weights start a NEW run;
     # ignored once run_dir has a checkpoint of its own.
     init_from: str | None = None
