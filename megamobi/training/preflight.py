@@ -123,7 +123,9 @@ def check_init_from(run) -> None:
 
 def check_validation_data(run, data) -> None:
     """Validation asked for, but the split came out empty (too little data for data.val_fraction)."""
-    if run.train.eval_interval > 0 and data.val is None:
-        raise ConfigError(f"train.eval_interval {run.train.eval_interval} asks for validation, but data.val_fraction "
-                          f"{run.data.val_fraction} of {run.data.paths} gives no validation samples: raise "
-                          "data.val_fraction, or set train.eval_interval: 0")
+    for part in data.stages if run.train.eval_interval > 0 else ():
+        if part.val is None:
+            key = f"{part.stage.key}.val_fraction"
+            raise ConfigError(f"train.eval_interval {run.train.eval_interval} asks for validation, but {key} "
+                              f"{part.stage.val_fraction} of {part.stage.paths} gives no validation samples: raise "
+                              f"{key}, or set train.eval_interval: 0")
