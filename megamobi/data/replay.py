@@ -159,10 +159,10 @@ class TrainOrder:
 
     def __init__(self, segment: Segment, *, verify_checksums: bool = False) -> None:
         data = segment.data
-        self.seed = data["seed"]
+        self.seed = data.get("shuffle_seed", data["seed"])  # a data stage's own order (megamobi/data/stages.py)
         self.seq_len = segment.seq_len
         self.base = ShardedDataset(data["paths"], verify_checksums=verify_checksums)
-        self.train, self.val = split_train_val(self.base, val_fraction=data["val_fraction"], seed=self.seed)
+        self.train, self.val = split_train_val(self.base, val_fraction=data["val_fraction"], seed=data["seed"])
         weights = data.get("source_weights")
         self.blend = BlendedDataset(self.train, weights=weights) if weights is not None else None
         self.per_sample = (SEQ_LEN - 1) // self.seq_len

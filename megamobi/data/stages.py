@@ -12,9 +12,11 @@ start): a step trains on stage i when the tokens consumed BEFORE it are below st
 so stage i ends at the first step whose tokens reach until_tokens, i.e. until_tokens rounded up to
 whole global batches.
 
-Each stage has its own validation split and shuffle, seeded by the run's data.seed and the stage's
-index. Stage 0 uses data.seed itself, so a run without stages IS the one-stage case: same order, and
-a running plain run can gain stages on resume (its data becomes stage 0, untouched).
+Each stage has its own shuffle, seeded by the run's data.seed and the stage's index; stage 0 uses
+data.seed itself, so a run without stages IS the one-stage case: same order, and a running plain run can
+gain stages on resume (its data becomes stage 0, untouched). Each stage's validation split is chosen by
+data.seed over its own paths (as without stages): stages over the same directories with the same
+val_fraction hold out the same samples.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ _STAGE_SEED_STRIDE = 0x9E3779B97F4A7C15  # golden-ratio odd constant: stage seed
 
 
 def stage_seed(seed: int, index: int) -> int:
-    """The split + shuffle seed of stage `index` (0-based): data.seed for stage 0, a distinct one after."""
+    """The shuffle seed of stage `index` (0-based): data.seed for stage 0, a distinct one after."""
     if index == 0:
         return seed
     return (seed + index * _STAGE_SEED_STRIDE) & 0x7FFFFFFFFFFFFFFF
@@ -39,7 +41,8 @@ class DataStage:
     paths: list[str]
     source_weights: dict[str, float] | None
     val_fraction: float
-    seed: int  # this stage's split and shuffle seed (stage_seed(data.seed, index))
+    seed: int  # the validation split's seed: data.seed
+    shuffle_seed: int  # this stage's order: stage_seed(data.seed, index)
     until_tokens: int | None  # None: runs to the end of the run
     staged: bool = True  # False: the run has no data.stages (its data section is this one stage)
 
@@ -58,8 +61,11 @@ class DataStage:
 
     def data_record(self) -> dict[str, Any]:
         """The data config of a provenance segment (what replay rebuilds the order from)."""
-        return {"paths": list(self.paths), "source_weights": self.source_weights, "val_fraction": self.val_fraction,
-                "seed": self.seed}
+        record = {"paths": list(self.paths), "source_weights": self.source_weights, "val_fraction": self.val_fraction,
+                  "seed": self.seed}
+        if self.shuffle_seed != self.seed:  # stage 0's record is the one a run without stages writes
+            record["shuffle_seed"] = self.shuffle_seed
+        return record
 
 
 def stages_of(data: dict[str, Any]) -> list[DataStage]:
@@ -68,9 +74,10 @@ def stages_of(data: dict[str, Any]) -> list[DataStage]:
     listed = data.get("stages")
     if not listed:
         return [DataStage(index=0, name=None, paths=list(data.get("paths") or []), source_weights=data.get("source_weights"),
-                          val_fraction=data.get("val_fraction", 0.0), seed=seed, until_tokens=None, staged=False)]
+                          val_fraction=data.get("val_fraction", 0.0), seed=seed, shuffle_seed=seed, until_tokens=None,
+                          staged=False)]
     return [DataStage(index=i, name=s.get("name"), paths=list(s["paths"]), source_weights=s.get("source_weights"),
-                      val_fraction=s.get("val_fraction", 0.0), seed=stage_seed(seed, i),
+                      val_fraction=s.get("val_fraction", 0.0), seed=seed, shuffle_seed=stage_seed(seed, i),
                       until_tokens=s.get("until_tokens") if i < len(listed) - 1 else None)
             for i, s in enumerate(listed)]
 

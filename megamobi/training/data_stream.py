@@ -85,7 +85,7 @@ class RunData:
         self.current = part = self.stages[where.stage.index]
         sampler = GlobalBatchSampler(num_samples=len(part.train), global_batch_size=self.run.batch.global_batch_size,
                                      micro_batch_size=self.run.batch.micro_batch_size, dp_rank=dp_rank,
-                                     dp_size=dp_size, seed=where.stage.seed, consumed_samples=where.position)
+                                     dp_size=dp_size, seed=where.stage.shuffle_seed, consumed_samples=where.position)
         record = batch_recorder(part.train, step=where.step, stage=where.stage.index, dp_rank=dp_rank)
         micro_batches = iter(sampler)
         for micro_batch in range(sampler.micro_batches_per_step):
