@@ -84,9 +84,11 @@ def schedule_changes(manifest: dict, run: RunConfig) -> tuple[list[str], str | N
         return changes, "the decay style changed, which changes the lr of the steps to come"
     if (old.lr, old.warmup_steps) != (new.lr, new.warmup_steps):
         return changes, "lr / warmup_steps changed, which changes the lr of steps taken (or the next)"
-    if step >= old.decay_start_step:
+    # `step` steps were taken (0-based 0..step-1): the decay began once its first step was among them. A new
+    # start at the very next step is fine (a decay's first step runs at lr); one before it would jump down.
+    if step > old.decay_start_step:
         return changes, f"the decay began at step {old.decay_start_step + 1:,} (this checkpoint is at step {step:,})"
-    if step >= new.decay_start_step:
+    if step > new.decay_start_step:
         return changes, (f"the new decay start (step {new.decay_start_step + 1:,}) is not after the checkpoint's step "
                          f"{step:,}: the lr would jump down")
     return changes, None

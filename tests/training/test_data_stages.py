@@ -277,3 +277,19 @@ def test_stages_and_wsd_decided_mid_run_through_the_cli(tmp_path, stage_shards, 
             reference.checkpoint, interval_tokens=0))
         run_ranks(_train, world_size=2, args=(run,))
         _assert_bitwise(_final_tensors(copy), expected, f"resumed from step {step}")
+
+    # 7. The loss and lr plots mark where stages 2 and 3 begin; the other plots are as without stages.
+    from megamobi.plot import main as plot_main
+    from megamobi.plot import stage_boundaries
+
+    assert stage_boundaries(metrics) == [{"step": 4, "consumed_tokens": 3 * TPS, "label": "stage 2 mix"},
+                                         {"step": 8, "consumed_tokens": 7 * TPS, "label": "stage 3 tail"}]
+    unmarked = tmp_path / "unmarked" / "run"  # the same run without its stage records (same name: same legend)
+    unmarked.mkdir(parents=True)
+    (unmarked / "metrics.jsonl").write_text("".join(
+        line + "\n" for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "data_stage_begins" not in line))
+    assert plot_main([str(run_dir), "--output", str(tmp_path / "marked-plots")]) == 0
+    assert plot_main([str(unmarked), "--output", str(tmp_path / "unmarked-plots")]) == 0
+    for name, marked in (("loss.png", True), ("lr.png", True), ("grad_norm.png", False)):
+        same = (tmp_path / "marked-plots" / name).read_bytes() == (tmp_path / "unmarked-plots" / name).read_bytes()
+        assert same != marked, name
