@@ -89,15 +89,15 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             print(json.dumps(row))
         return exit_status
-    print(f"{'checkpoint':<20} {'step':>8} {'samples':>12} {'tokens':>16} {'loss':>8} {'stage':<16} {'layout':<14} {'size':>9}  {'code':<22} {'consumed mix':<24} status")
+    print(f"{'checkpoint':<20} {'step':>8} {'samples':>12} {'tokens':>16} {'loss':>8} {'layout':<14} {'size':>9}  {'code':<22} {'data stage':<16} {'consumed mix':<24} status")
     for r in rows:
         if "step" not in r:
-            print(f"{r['checkpoint']:<20} {'':>8} {'':>12} {'':>16} {'':>8} {'':<16} {'':<14} {'':>9}  {'':<22} {'':<24} {r['status']}")
+            print(f"{r['checkpoint']:<20} {'':>8} {'':>12} {'':>16} {'':>8} {'':<14} {'':>9}  {'':<22} {'':<16} {'':<24} {r['status']}")
             continue
         loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
         print(f"{r['checkpoint']:<20} {r['step']:>8} {r['consumed_samples']:>12,} {r['consumed_tokens']:>16,} {loss:>8} "
-              f"{_stage_text(r['data_stage']):<16} "
-              f"{r['layout']:<14} {r['bytes'] / 2**20:>7.1f}MB  {r['code_version']!s:<22} {_mix_text(r['consumed_mix']):<24} {r['status']}")
+              f"{r['layout']:<14} {r['bytes'] / 2**20:>7.1f}MB  {r['code_version']!s:<22} {_stage_text(r['data_stage']):<16} "
+              f"{_mix_text(r['consumed_mix']):<24} {r['status']}")
     return exit_status
 
 

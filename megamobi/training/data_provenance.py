@@ -131,3 +131,20 @@ class DataProvenance:
         how = f"{ALLOW_KEY} is true" if self.allowed else "only stages not yet started or still running changed"
         logger.info(f"{how}: continuing at step {self.resumed_step} with changed data: " + "; ".join(self.changes))
         logger.log({"step": self.resumed_step, "data_change": self.changes, "data_allow_change": self.allowed}, echo=False)
+
+    def announce(self, where: StagePosition, *, logger, windows: int) -> None:
+        """One line, and a metrics.jsonl record (which the plots mark), when a data stage begins; the same
+        when a stage's order runs out (`windows` training windows) and its next epoch, a new shuffle, begins."""
+        stage, gb = where.stage, self.run.batch.global_batch_size
+        if where.begins and stage.staged:
+            logger.info(f"step {where.step}: {stage.label()} begins after {where.start_tokens:,} tokens "
+                        f"({', '.join(stage.paths)})")
+            logger.log({"step": where.step, "consumed_tokens": where.start_tokens, "data_stage_begins": stage.number,
+                        "data_stage_name": stage.name}, echo=False)
+        first_new, last = max(1, -(-where.position // windows)), (where.position + gb - 1) // windows
+        if first_new <= last:  # an epoch boundary falls inside this step's global batch
+            what = stage.label() if stage.staged else "the training data"
+            times = "once" if last == 1 else f"{last} times"
+            logger.info(f"step {where.step}: {what}: epoch {last + 1} begins, each of its {windows:,} training "
+                        f"windows used {times}; a new order")
+            logger.log({"step": where.step, "data_epoch": last + 1, "data_stage": stage.number}, echo=False)

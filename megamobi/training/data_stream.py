@@ -81,20 +81,23 @@ class RunData:
         return {path: sha256_file(Path(path) / "manifest.json") for path in all_paths(self.run.data_stages)}
 
     def step_batches(self, where: StagePosition, *, dp_rank: int, dp_size: int) -> Iterator[dict]:
-        """This data-parallel rank's micro-batches of one step: the step's slice of its stage's order."""
+        """This data-parallel rank's micro-batches of one step: the step's slice of its stage's order.
+        From now on validation evaluates that stage's split."""
         self.current = part = self.stages[where.stage.index]
         sampler = GlobalBatchSampler(num_samples=len(part.train), global_batch_size=self.run.batch.global_batch_size,
                                      micro_batch_size=self.run.batch.micro_batch_size, dp_rank=dp_rank,
                                      dp_size=dp_size, seed=where.stage.shuffle_seed, consumed_samples=where.position)
         record = batch_recorder(part.train, step=where.step, stage=where.stage.index, dp_rank=dp_rank)
-        micro_batches = iter(sampler)
-        for micro_batch in range(sampler.micro_batches_per_step):
-            indices = next(micro_batches)
-            samples = [part.train[i] for i in indices]
-            check_batch_ids(samples, vocab_size=self.vocab_size, where=f"training windows {indices}")
-            if record is not None:
-                record(micro_batch, indices, samples)
-            yield collate(samples)
+
+        def micro_batches() -> Iterator[dict]:
+            for micro_batch, indices in zip(range(sampler.micro_batches_per_step), sampler):
+                samples = [part.train[i] for i in indices]
+                check_batch_ids(samples, vocab_size=self.vocab_size, where=f"training windows {indices}")
+                if record is not None:
+                    record(micro_batch, indices, samples)
+                yield collate(samples)
+
+        return micro_batches()
 
     def train_batches(self, *, consumed_samples: int, dp_rank: int, dp_size: int) -> Iterator[dict]:
         """Endless micro-batches of a run without data.stages, continuing after `consumed_samples`."""

@@ -245,7 +245,7 @@ class Trainer:
             self._set_lr(lr)
             where = self.data_provenance.next_step(step=state.step + 1, consumed_samples=state.consumed_samples,
                                                    consumed_tokens=state.consumed_tokens)
-            self._announce_data(where)
+            self.data_provenance.announce(where, logger=self.logger, windows=len(self.data.stages[where.stage.index].train))
             batches = self.data.step_batches(where, dp_rank=self.groups.data_rank, dp_size=self.layout.data)
             loss = self._train_step(batches).item()
             grad_norm = self.engine.get_global_grad_norm()
@@ -296,24 +296,6 @@ class Trainer:
         flag = torch.tensor([codes[self.preempted.signal_name]], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return {1.0: "SIGUSR1", 2.0: "SIGTERM"}.get(flag.item())
-
-    def _announce_data(self, where) -> None:
-        """One line (and a metrics.jsonl record, which the plots mark) when a data stage begins, and when
-        a stage's order runs out and its next epoch, a new shuffle, begins."""
-        stage, gb = where.stage, self.run.batch.global_batch_size
-        if where.begins and stage.staged:
-            self.logger.info(f"step {where.step}: {stage.label()} begins after {where.start_tokens:,} tokens "
-                             f"({', '.join(stage.paths)})")
-            self.logger.log({"step": where.step, "consumed_tokens": where.start_tokens, "data_stage_begins": stage.number,
-                             "data_stage_name": stage.name}, echo=False)
-        windows = len(self.data.stages[stage.index].train)
-        first_new, last = max(1, -(-where.position // windows)), (where.position + gb - 1) // windows
-        if first_new <= last:
-            what = stage.label() if stage.staged else "the training data"
-            times = "once" if last == 1 else f"{last} times"
-            self.logger.info(f"step {where.step}: {what}: epoch {last + 1} begins, each of its {windows:,} training "
-                             f"windows used {times}; a new order")
-            self.logger.log({"step": where.step, "data_epoch": last + 1, "data_stage": stage.number}, echo=False)
 
     def _log_step(self, *, loss: float, lr: float, grad_norm: float | None, step_time: float) -> None:
         tokens_per_s = self.run.tokens_per_step / step_time / dist.get_world_size()
