@@ -100,7 +100,10 @@ class RunData:
         return micro_batches()
 
     def train_batches(self, *, consumed_samples: int, dp_rank: int, dp_size: int) -> Iterator[dict]:
-        """Endless micro-batches of a run without data.stages, continuing after `consumed_samples`."""
+        """Endless micro-batches of a run without data.stages, continuing after `consumed_samples` (the
+        trainer asks step by step, step_batches, so that stages can change)."""
+        if len(self.stages) > 1:
+            raise ValueError("train_batches() reads one data config; a run with data.stages needs step_batches()")
         gb, seq_len = self.run.batch.global_batch_size, self.run.batch.seq_len
         cursor = StageCursor(self.run.data_stages[:1], resumed=STAGE_ZERO)
         step = consumed_samples // gb

@@ -111,6 +111,9 @@ def check_resume_checkpoint(run, checkpoint: Path) -> None:
             f"batch.global_batch_size {gb} does not divide the {consumed} samples consumed by {checkpoint}, the "
             "checkpoint this run resumes from, so the data order cannot continue exactly: use a global batch "
             f"that divides {consumed}, or a new run_dir")
+    from megamobi.training.stage_checks import check_stage_position
+
+    check_stage_position(run, manifest, checkpoint=checkpoint)  # the same, for the position in a running data stage
 
 
 def check_init_from(run) -> None:

@@ -152,3 +152,20 @@ def stage_changes(manifest: dict[str, Any], run: RunConfig) -> tuple[list[str], 
     if saved_batch.get("seq_len") != run.batch.seq_len:
         refused.append(f"batch.seq_len: {saved_batch.get('seq_len')} -> {run.batch.seq_len}")
     return accepted, refused
+
+
+def check_stage_position(run: RunConfig, manifest: dict[str, Any], *, checkpoint: Path) -> None:
+    """A data stage's order continues in whole global batches from where the stage began: a resume under
+    another global batch must divide the samples the running stage has consumed (as it must divide
+    consumed_samples for a run without stages)."""
+    from megamobi.data.stages import stage_index_at
+
+    record = manifest.get("data_stage")
+    if not record or stage_index_at(run.data_stages, manifest.get("consumed_tokens", 0)) != record["index"]:
+        return  # no stage record, or the next step begins a stage (its order starts at 0)
+    position, gb = (manifest.get("consumed_samples") or 0) - record["start_samples"], run.batch.global_batch_size
+    if position % gb:
+        raise ConfigError(
+            f"batch.global_batch_size {gb} does not divide the {position} samples that stage {record['index'] + 1} has "
+            f"consumed by {checkpoint}, the checkpoint this run resumes from, so its order cannot continue exactly: use "
+            f"a global batch that divides {position}, or a new run_dir")

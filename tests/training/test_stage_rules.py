@@ -132,3 +132,20 @@ def test_what_a_resume_may_change_in_a_wsd_schedule(tmp_path, token_shards):
     assert schedule_changes(_manifest(run(10, None, style="cosine"), step=5), run(12, None, style="cosine")) == ([], None)
     assert schedule_changes(_manifest(wsd, step=5), wsd) == ([], None)
     assert stages_of({"paths": ["a"]})[0].key == "data"
+
+
+def test_a_new_global_batch_must_divide_what_the_running_stage_consumed(tmp_path, token_shards):
+    """Stage 2 began after 40 samples (5 steps of 8); at 48 samples a global batch of 16 divides the run's
+    samples but not the stage's 8: its order could not continue in whole batches."""
+    from megamobi.config_io import ConfigError
+    from megamobi.training.stage_checks import check_stage_position
+
+    def run(gb):
+        return make_run(tmp_path, token_shards, data=_stages(token_shards, 5 * TPS),
+                        batch={"micro_batch_size": 2, "global_batch_size": gb, "seq_len": 32})
+
+    manifest = {"consumed_samples": 48, "consumed_tokens": 48 * 32,
+                "data_stage": {"index": 1, "start_samples": 40, "start_tokens": 40 * 32, "first_step": 6}}
+    check_stage_position(run(8), manifest, checkpoint=tmp_path)
+    with pytest.raises(ConfigError, match="global_batch_size 16 does not divide the 8 samples that stage 2 has consumed"):
+        check_stage_position(run(16), manifest, checkpoint=tmp_path)
