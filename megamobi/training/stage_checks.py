@@ -145,7 +145,7 @@ def stage_changes(manifest: dict[str, Any], run: RunConfig) -> tuple[list[str], 
             elif now.until_tokens is not None and now.until_tokens <= consumed:
                 refused.append(f"{change} (it would end {stage.label()} before the {consumed:,} tokens it has trained)")
             else:
-                accepted.append(f"{change} ({stage.label()} is running: it now ends later or sooner, still ahead)")
+                accepted.append(f"{change} ({stage.label()} is running; its new end is still ahead)")
     accepted += [f"{s.key} ({s.label()}) appended" for s in new[len(old):]]
     if saved_data.get("seed", 1234) != run.data.seed:
         refused.append(f"data.seed: {saved_data.get('seed', 1234)} -> {run.data.seed}")

@@ -82,7 +82,7 @@ def test_what_a_resume_may_change_in_the_stages(tmp_path, token_shards, repo_roo
     # A plain run decides to anneal at step 3: its data becomes stage 1 (ending ahead), a stage is appended.
     accepted, refused = stage_changes(_manifest(plain, step=3), run(_stages(token_shards, 5 * TPS, weights={"c4": 1})))
     assert refused == [] and accepted == [
-        "data.stages[0].until_tokens: None -> 1280 (stage 1 is running: it now ends later or sooner, still ahead)",
+        "data.stages[0].until_tokens: None -> 1280 (stage 1 is running; its new end is still ahead)",
         "data.stages[1] (stage 2) appended"]
     # ... but not ending stage 1 before the tokens it has already trained.
     _, refused = stage_changes(_manifest(plain, step=3), run(_stages(token_shards, 3 * TPS)))
@@ -97,7 +97,7 @@ def test_what_a_resume_may_change_in_the_stages(tmp_path, token_shards, repo_roo
     accepted, refused = stage_changes(_manifest(staged, step=3), run({"paths": [], "seed": 7, "stages": [
         {"paths": [str(token_shards)]}]}))
     assert refused == [] and accepted == [
-        "data.stages[0].until_tokens: 1024 -> None (stage 1 is running: it now ends later or sooner, still ahead)",
+        "data.stages[0].until_tokens: 1024 -> None (stage 1 is running; its new end is still ahead)",
         "data.stages[1] (stage 2, not started) removed"]
     # Stage 1 finished (step 4 reached its end): its end is frozen. Stage 2 started (step 5): its data is too.
     _, refused = stage_changes(_manifest(staged, step=4), run(_stages(token_shards, 6 * TPS, weights={"c4": 1})))
