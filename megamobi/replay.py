@@ -151,7 +151,8 @@ def _find(replay, args) -> None:
     elif not answer["consumed"]:
         print(f"  not consumed in steps 1..{replay.last_step}")
     for hit in answer["consumed"]:
-        print(f"  step {hit['step']:>7}  rank {hit['rank']:>3}  mb {hit['micro_batch']:>3}  offset {hit['offset']:>4}")
+        print(f"  step {hit['step']:>7}  stage {hit['stage']:>2}  rank {hit['rank']:>3}  mb {hit['micro_batch']:>3}  "
+              f"offset {hit['offset']:>4}")
 
 
 def _mix_rows(entry: dict) -> None:

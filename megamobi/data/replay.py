@@ -351,13 +351,13 @@ class RunReplay:
                     for i, (base, offset) in enumerate(zip(bases.tolist(), offsets.tolist())):
                         shard, row = order.locate(base)
                         tokens = order.base[base][offset:offset + segment.seq_len + 1]
-                        yield Sequence(step=step, stage=segment.stage + 1, rank=r, micro_batch=i // mb, sample_index=base, shard=str(shard),
-                                       row=row, offset=offset, source=order.base.sources[int(order.sources_of([base])[0])],
+                        yield Sequence(step=step, stage=segment.stage + 1, rank=r, micro_batch=i // mb, sample_index=base,
+                                       shard=str(shard), row=row, offset=offset, source=order.base.sources[int(order.sources_of([base])[0])],
                                        tokens=[int(t) for t in tokens])
 
     def find(self, location: str) -> dict[str, Any]:
         """Where one sample's windows were consumed: {"sample_index", "shard", "row", "source",
-        "validation": bool, "consumed": [{"step", "rank", "micro_batch", "offset"}]}."""
+        "validation": bool, "consumed": [{"step", "stage", "rank", "micro_batch", "offset"}]}."""
         answer: dict[str, Any] | None = None
         for segment in self.segments:
             order = self.order(segment)
@@ -377,7 +377,7 @@ class RunReplay:
             for position, offset in hits:
                 step_index, within = divmod(position - first, segment.global_batch_size)
                 r, in_rank = divmod(within, segment.global_batch_size // segment.data_parallel_size)
-                answer["consumed"].append({"step": segment.first_step + step_index, "rank": r,
+                answer["consumed"].append({"step": segment.first_step + step_index, "stage": segment.stage + 1, "rank": r,
                                            "micro_batch": in_rank // segment.micro_batch_size, "offset": offset})
         if answer is None:
             paths = sorted({p for segment in self.segments for p in segment.data["paths"]})

@@ -12,7 +12,6 @@ and seed) and its own shuffled order, which starts at position 0 on the stage's 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 
@@ -76,9 +75,9 @@ class RunData:
 
     def manifest_checksums(self) -> dict[str, str]:
         """sha256 of each data directory's manifest.json: which data a checkpoint was trained on."""
-        from megamobi.files import sha256_file
+        from megamobi.training.stage_checks import manifest_checksums
 
-        return {path: sha256_file(Path(path) / "manifest.json") for path in all_paths(self.run.data_stages)}
+        return manifest_checksums(all_paths(self.run.data_stages))
 
     def step_batches(self, where: StagePosition, *, dp_rank: int, dp_size: int) -> Iterator[dict]:
         """This data-parallel rank's micro-batches of one step: the step's slice of its stage's order.

@@ -43,8 +43,9 @@ class DataConfig:
     # Ordered data stages, each with its own paths / source_weights / val_fraction / until_tokens
     # (docs/data.md "Data stages"); a stage not yet started may be changed or appended on resume.
     stages: list[StageConfig] | None = None
-    # Resume even though the data (manifests, blend, split, seed) or seq_len differ from the checkpoint's;
-    # the change is logged and recorded (megamobi/training/data_provenance.py). Off: such a resume stops.
+    # Resume even though what a started stage trains on (manifests, blend, split), a finished stage's end,
+    # the seed or seq_len differ from the checkpoint's; the change is logged and recorded
+    # (megamobi/training/data_provenance.py). Off: such a resume stops.
     allow_change: bool = False
 
 

@@ -35,6 +35,7 @@ from training_runs import make_run, read_metrics
 from megamobi.checkpointing.manifest import read_manifest
 from megamobi.checkpointing.model_files import read_full_tensors
 from megamobi.data.preprocess import PreprocessOptions, preprocess
+from megamobi.data.replay import RunReplay
 from megamobi.pretrain import main as pretrain_main
 from megamobi.training.loop import Trainer
 
@@ -238,6 +239,11 @@ def test_stages_and_wsd_decided_mid_run_through_the_cli(tmp_path, stage_shards, 
     first_epoch = Counter((r["sample_index"], r["offset"]) for r in stage1 if r["step"] <= 2)
     assert len(first_epoch) == 2 * 32 and set(first_epoch.values()) == {1}  # all 64 windows, each once
     assert all(r["shard"].startswith(stage_shards["hq"]) for r in lines if r["stage"] == 2)
+    hits = RunReplay(run_dir).find(f"{stage_shards['web']}:0")["consumed"]  # in stages 1 and 3: both found
+    assert [(h["step"], h["stage"], h["rank"], h["micro_batch"], h["offset"]) for h in hits] == sorted(
+        (r["step"], r["stage"], r["rank"], r["micro_batch"], r["offset"]) for r in lines
+        if r["shard"].startswith(stage_shards["web"]) and r["row"] == 0)
+    assert {h["stage"] for h in hits} == {1, 3}
     mix = json.loads(_cli("megamobi.replay", str(run_dir), "--mix", "1:12", "--json").stdout)
     assert [(s["stage"], s["name"], s["first_step"], s["last_step"], s["tokens"]) for s in mix["stages"]] == [
         (1, "web", 1, 3, 3 * TPS), (2, "mix", 4, 7, 4 * TPS), (3, "tail", 8, 12, 5 * TPS)]
