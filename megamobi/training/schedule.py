@@ -53,12 +53,16 @@ def learning_rate(step: int, *, lr: float, min_lr: float, warmup_steps: int, tot
     return min_lr + (lr - min_lr) * DECAY_SHAPES[decay_shape](progress)
 
 
+def _tokens_per_step(batch: dict) -> int:
+    return batch["global_batch_size"] * batch.get("seq_len", 2048)
+
+
 def total_steps_of(record: dict) -> int:
     """The run's steps from a run config as a dict (RunConfig.total_steps, for recorded configs too)."""
     train, batch = record["train"], record["batch"]
     if train.get("steps") is not None:
         return train["steps"]
-    return -(-train["tokens"] // (batch["global_batch_size"] * batch["seq_len"]))
+    return -(-train["tokens"] // _tokens_per_step(batch))
 
 
 def wsd_decay_start_step(record: dict) -> int | None:
@@ -66,7 +70,7 @@ def wsd_decay_start_step(record: dict) -> int | None:
     o, batch = record["optimizer"], record["batch"]
     if o.get("decay_style", "cosine") != "wsd":
         return None
-    tps = batch["global_batch_size"] * batch["seq_len"]
+    tps = _tokens_per_step(batch)
     if o.get("decay_start_tokens") is not None:
         start_tokens = o["decay_start_tokens"]
     else:
