@@ -152,7 +152,8 @@ class FaultInjector:
         self.faults = faults
         self.mine = [f for f in faults if f.rank == rank]
         self.runs_of_step: dict[int, int] = {}
-        self.poisoned_windows: set[int] = set()  # filled by the trainer from every `poison` fault
+        # (data stage, window) of every poisoned sample: filled by the trainer after a `poison` step's first run
+        self.poisoned_windows: set[tuple[int, int]] = set()
         self._slowed: tuple[int, int] | None = None  # (step, how many times it ran) last slowed down
 
     def __bool__(self) -> bool:
@@ -177,7 +178,7 @@ class FaultInjector:
             for fault in self._mine("slow"):
                 time.sleep(fault.ms / 1000)
 
-    def loss(self, value, *, step: int, windows: list[int] | None):
+    def loss(self, value, *, step: int, windows: list[tuple[int, int]] | None):
         """The loss of one micro-batch as the faults make it."""
         first_run = self.runs_of_step.get(step, 0) == 1
         if first_run and self._mine("nan", step):
@@ -185,7 +186,7 @@ class FaultInjector:
         if first_run:
             for fault in self._mine("spike", step):
                 value = value * fault.x
-        if windows is not None and self.poisoned_windows.intersection(windows):
+        if self._mine("poison", step) or (windows is not None and self.poisoned_windows.intersection(windows)):
             value = value * float("nan")
         return value
 

@@ -51,7 +51,9 @@ from megamobi.training.portable_state import adam_step, load_portable_optimizer_
 from megamobi.training.preflight import check_trainer_start
 from megamobi.training.recovery import Recovery
 from megamobi.training.run_config import RunConfig
-from megamobi.training.schedule import learning_rate
+from megamobi.training.schedule import LrSchedule
+from megamobi.training.schedule_checks import ScheduleRecord
+from megamobi.training.schedule_table import schedule_lines
 from megamobi.training.stragglers import StepTimes
 from megamobi.training.watchdog import Heartbeat
 from megamobi.version import code_version
@@ -103,6 +105,9 @@ class Trainer:
         self.resumed_from = resume_from  # never pruned by checkpoint.keep_last
         # Refuses a resume onto other data (unless data.allow_change); records what each step trained on.
         self.data_provenance = DataProvenance(run, resume_from=resume_from, data_parallel_size=self.layout.data)
+        # A wsd decay not yet begun may move on resume; other schedule changes involving wsd are refused.
+        self.schedule_record = ScheduleRecord(run, resume_from=resume_from)
+        self.lr_schedule = LrSchedule.of_run(run)
         saved_layout = read_manifest(resume_from).get("layout") if resume_from else None
         # Same layout: DeepSpeed restores its own files exactly. Any other layout (or a weights-only
         # checkpoint such as `convert from-hf` writes) goes through the plain-model files.
@@ -148,6 +153,7 @@ class Trainer:
                                     wandb_run_id=self.state.wandb_run_id, run_config=dataclasses.asdict(run))
         self.state.wandb_run_id = self.logger.wandb_run_id or self.state.wandb_run_id
         self.data_provenance.log_changes(self.logger)
+        self.schedule_record.log_changes(self.logger)
         self.flops_per_token = flops_per_token(self.model_config, seq_len=run.batch.seq_len)
         self.hosts = _gather_hosts()
         self.recovery = Recovery(self)  # divergence and replica-mismatch handling: rewind, re-run, verdicts
@@ -244,36 +250,34 @@ class Trainer:
         dist.all_reduce(total, group=self.groups.data_group)
         return total / self.layout.data
 
-    def _watched_batches(self, batches):
-        """This rank's micro-batches, with the heartbeat's data phase, the data-wait time (stragglers)
-        and the windows each step trained on (skipped samples, poisoned data)."""
-        accumulation = self.engine.gradient_accumulation_steps()
-        pulled = 0
-        while True:
-            self.heartbeat.beat("data", micro_batch=pulled % accumulation)
-            started = time.perf_counter()
-            batch = next(batches)
+    def _watched(self, batches):
+        """This rank's micro-batches of one step, with the heartbeat's data phase, the data-wait time
+        (stragglers) and the windows the step trains on (skipped samples, poisoned data)."""
+        started = time.perf_counter()
+        for following, batch in enumerate(batches, start=1):
             self.step_times.add_data_wait(time.perf_counter() - started)
-            self._windows = batch.pop("windows")
-            self.step_windows.append(self._windows)
-            pulled += 1
+            windows = batch.pop("windows")
+            self._windows = [(self.step_stage, w) for w in windows]
+            self.step_windows.append(windows)
             yield batch
+            self.heartbeat.beat("data", micro_batch=following)
+            started = time.perf_counter()
 
-    def train_batches(self):
-        """The training micro-batches from the current position (again after a rewind)."""
-        return self._watched_batches(self.data.train_batches(
-            consumed_samples=self.state.consumed_samples, dp_rank=self.groups.data_rank, dp_size=self.layout.data))
+    def _windows_of_step(self):
+        """(data stage, window) of every sequence this rank trained on in the step just run."""
+        return ((self.step_stage, w) for windows in self.step_windows for w in windows)
 
     def train(self) -> TrainerState:
         run = self.run
         seq_len, gb = run.batch.seq_len, run.batch.global_batch_size
-        self.step_times = StepTimes(self.engine.module)  # forward and data-wait time, for stragglers
-        self.step_windows: list[list[int]] = []
-        self.batches = self.train_batches()
         self.logger.info(f"{self.model_config.name}: layout T={self.layout.tensor} P={self.layout.pipeline} "
                          f"D={self.layout.data}, ZeRO-{run.parallel.zero_stage}, {run.precision}, "
                          f"{self.total_steps} steps of {gb} x {seq_len} tokens, code {code_version()}")
         self.logger.info(self.kernels.describe())
+        for line in schedule_lines(run):  # stages and lr: where each begins and ends (until_tokens rounded)
+            self.logger.info(line)
+        self.step_times = StepTimes(self.engine.module)  # forward and data-wait time, for stragglers
+        self.step_windows: list[list[int]] = []  # this rank's micro-batches of the step in progress
         watchdog = self.recovery.start_watchdog()
         try:
             self._train_loop()
@@ -290,14 +294,19 @@ class Trainer:
         while self.state.step < self.total_steps:
             state = self.state
             step = state.step + 1
-            lr = learning_rate(state.step, lr=run.optimizer.lr, min_lr=run.optimizer.min_lr,
-                               warmup_steps=run.optimizer.warmup_steps, total_steps=self.total_steps)
+            lr = self.lr_schedule(state.step)
             self._set_lr(lr)
             self.heartbeat.beat("data", step=step, micro_batch=0)
             self.faults.before_step(step)  # MEGAMOBI_FAULTS hang / kill
+            where = self.data_provenance.next_step(step=step, consumed_samples=state.consumed_samples,
+                                                   consumed_tokens=state.consumed_tokens)
+            self.data_provenance.announce(where, logger=self.logger, windows=len(self.data.stages[where.stage.index].train))
             self.guard.reset(limit=self.recovery.spike_limit(), forced=self.recovery.forced_refusal(step))
+            self.step_stage = where.stage.index
             self.step_windows.clear()
-            loss = self._train_step(self.batches).item()
+            batches = self.data.step_batches(where, dp_rank=self.groups.data_rank, dp_size=self.layout.data)
+            loss = self._train_step(self._watched(batches)).item()
+            self.recovery.after_first_run(step)  # MEGAMOBI_FAULTS poison: every rank learns the bad samples
             grad_norm = self.engine.get_global_grad_norm()
             grad_norm = None if grad_norm is None else float(grad_norm)
             refusal = self.optimizer.refusal
@@ -340,7 +349,7 @@ class Trainer:
             stop_signal = self._agreed_preemption()
             due = checkpoint_due(consumed_tokens_before=tokens_before, consumed_tokens_after=state.consumed_tokens,
                                  interval_tokens=run.checkpoint.interval_tokens)
-            save = due or stop_signal or state.step == self.total_steps
+            save = due or stop_signal or (state.step == self.total_steps and run.checkpoint.save_final)
             if self.recovery.check_replicas(step, before_save=bool(save)) == "rewound":
                 continue  # a checkpoint is written only after the replicas agree
             if save:
@@ -426,7 +435,10 @@ class Trainer:
                 "layout": self._layout_record(),
                 "precision": self.run.precision, "run_config": dataclasses.asdict(self.run),
                 "data_manifests": self.data.manifest_checksums(),
-                **self.data_provenance.manifest_info(step=self.state.step),
+                **self.data_provenance.manifest_info(
+                    step=self.state.step, consumed_tokens=self.state.consumed_tokens,
+                    end_tokens=self.state.consumed_tokens + (self.total_steps - self.state.step) * self.run.tokens_per_step),
+                **self.schedule_record.manifest_info(),
             })
         self.logger.info(f"saved checkpoint {path}")
         self.last_checkpoint = path

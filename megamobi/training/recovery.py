@@ -72,7 +72,6 @@ class Recovery:
             trainer.logger.info("train.consistency_check_interval: off under ZeRO-3 (its parameters are partitioned, "
                                 "not replicated)")
         self.attempt = self._agree_on_attempt()
-        self._poison_windows()
 
     # --- set-up ---------------------------------------------------------------------------------
     def _agree_on_attempt(self) -> str:
@@ -82,15 +81,17 @@ class Recovery:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def _poison_windows(self) -> None:
+    def after_first_run(self, step: int) -> None:
+        """MEGAMOBI_FAULTS `poison`: after the first run of a poisoned step, every rank learns the samples
+        it poisoned, which then give a NaN loss wherever they are trained on (collective on that step)."""
         t = self.trainer
-        gb = t.run.batch.global_batch_size
-        for fault in (f for f in t.faults.faults if f.kind == "poison"):
-            position = t.state.consumed_samples + (fault.step - 1 - t.state.step) * gb
-            if position >= 0:
-                dp_rank = t.layout.coordinates(fault.rank)[1]
-                t.faults.poisoned_windows.update(t.data.step_windows(position=position, dp_rank=dp_rank,
-                                                                      dp_size=t.layout.data))
+        faults = [f for f in t.faults.faults if f.kind == "poison" and f.step == step]
+        if not faults or t.faults.runs_of_step.get(step) != 1:
+            return
+        mine = list(t._windows_of_step()) if any(f.rank == t.rank for f in faults) else []
+        everyone: list[list] = [None] * dist.get_world_size()  # type: ignore[list-item]
+        dist.all_gather_object(everyone, mine)
+        t.faults.poisoned_windows.update(tuple(w) for part in everyone for w in part)
 
     def start_watchdog(self) -> Watchdog:
         """The hang watchdog thread, and the heartbeat's forward phase (+ the `slow` fault) on the model."""
@@ -163,7 +164,7 @@ class Recovery:
         """Every rank's micro-batches of the step just run: data-parallel rank, micro-batch, shard, row, offset."""
         t = self.trainer
         mine = [{"rank": t.groups.data_rank, "micro_batch": i, **origin}
-                for i, windows in enumerate(t.step_windows) for origin in t.data.window_origins(windows)]
+                for i, windows in enumerate(t.step_windows) for origin in t.data.window_origins(t.step_stage, windows)]
         everyone: list[list[dict]] = [None] * dist.get_world_size()  # type: ignore[list-item]
         dist.all_gather_object(everyone, mine)
         unique = {tuple(sorted(s.items())): s for part in everyone for s in part}
@@ -299,7 +300,6 @@ class Recovery:
         t.data_provenance = DataProvenance(t.run, resume_from=target, data_parallel_size=t.layout.data)
         self.window = LossWindow(self.config, t.state.recent_losses)
         self.suspect = suspect
-        t.batches = t.train_batches()
         t.step_times.take()  # the abandoned steps' times say nothing about stragglers
         t.window_start, t.window_steps = time.perf_counter(), 0
         if t.rank == 0:
