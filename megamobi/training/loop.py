@@ -263,10 +263,6 @@ class Trainer:
             self.heartbeat.beat("data", micro_batch=following)
             started = time.perf_counter()
 
-    def _windows_of_step(self):
-        """(data stage, window) of every sequence this rank trained on in the step just run."""
-        return ((self.step_stage, w) for windows in self.step_windows for w in windows)
-
     def train(self) -> TrainerState:
         run = self.run
         seq_len, gb = run.batch.seq_len, run.batch.global_batch_size

@@ -88,7 +88,8 @@ class Recovery:
         faults = [f for f in t.faults.faults if f.kind == "poison" and f.step == step]
         if not faults or t.faults.runs_of_step.get(step) != 1:
             return
-        mine = list(t._windows_of_step()) if any(f.rank == t.rank for f in faults) else []
+        poisoned_here = any(f.rank == t.rank for f in faults)
+        mine = [(t.step_stage, w) for windows in t.step_windows for w in windows] if poisoned_here else []
         everyone: list[list] = [None] * dist.get_world_size()  # type: ignore[list-item]
         dist.all_gather_object(everyone, mine)
         t.faults.poisoned_windows.update(tuple(w) for part in everyone for w in part)
