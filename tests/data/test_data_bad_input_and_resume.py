@@ -172,3 +172,30 @@ def test_kill_9_mid_run_then_rerun_gives_the_same_shards(tmp_path):
     assert r.returncode == 0, r.stderr
     assert shard_files(out) == shard_files(reference)
     assert not list(out.glob("*.tmp"))
+
+
+def test_fast_amber_parser_agrees_with_the_reference_parser():
+    """The msgspec fast path accepts exactly what the strict parser accepts, with the same tokens,
+    and every refusal carries the strict parser's reason and message."""
+    from megamobi.data.line_parsers import AmberLineParser, LineRejected, parse_amber_line
+
+    ids = [1] * 2048
+    lines = [GOOD.encode(), *(b if isinstance(b, bytes) else b.encode() for b, _ in BAD_LINES.values())]
+    lines += [json.dumps(obj).encode() for obj in (
+        {"token_ids": [31999] + ids, "source": "c4", "extra": [1, {"x": None}]},  # unknown fields ignored
+        {"token_ids": [1.0] + ids, "source": "c4"}, {"token_ids": [2 ** 70] + ids, "source": "c4"},
+        {"token_ids": [65536] + ids, "source": "c4"}, {"token_ids": [0] + ids, "source": ""},
+        {"token_ids": [0] + ids, "source": 7}, {"token_ids": "abc", "source": "c4"}, [1, 2])]
+    lines += [b'{"token_ids": [0' + b", 1" * 2048 + b'], "source": "c4", "x": "\xff"}',  # bad UTF-8, skipped field
+              b'  {"source": "w\xc3\xa9", "token_ids":[0' + b",1" * 2048 + b"]}  \n"]
+
+    def outcome(parse, raw):
+        try:
+            tokens, source = parse(raw)
+            return tokens.dtype.name, tokens.tolist(), source
+        except LineRejected as err:
+            return err.reason, err.detail
+
+    fast = AmberLineParser(vocab_size=32000)
+    for raw in lines:
+        assert outcome(fast, raw) == outcome(lambda r: parse_amber_line(r, vocab_size=32000), raw), raw[:80]

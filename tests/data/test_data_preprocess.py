@@ -186,3 +186,26 @@ def test_inputs_from_directory_and_glob(tmp_path):
     m2 = preprocess(_opts([str(tmp_path / "d" / "*.jsonl")], tmp_path / "o2"))
     assert m1["num_samples"] == m2["num_samples"] == 4
     assert ShardedDataset([tmp_path / "o1"])[2].tolist() == rows[2]["token_ids"]
+
+
+def test_text_chunks_keep_their_windows_and_join_their_tails(tmp_path, sp, docs):
+    """Each chunk's windows come first, in input order; the chunks' tails (< 2049 tokens each) are
+    joined into the last shards, so only the final < 2049 tokens are dropped."""
+    parts = [(f"part{k}", docs[k * 30:(k + 1) * 30]) for k in range(5)]
+    files = [write_lines(tmp_path / f"{name}.jsonl", [json.dumps({"text": d}) for d in part]) for name, part in parts]
+    manifest = preprocess(_opts(files, tmp_path / "out", input_format="text",
+                                tokenizer=str(sp_model(sp, tmp_path)), samples_per_shard=4))
+    windows, tails, tail_sources = [], [], []
+    for name, part in parts:
+        stream = [t for d in part for t in sp.encode(d) + [sp.eos_id()]]
+        full = len(stream) // SEQ_LEN * SEQ_LEN
+        windows += [(stream[i:i + SEQ_LEN], name) for i in range(0, full, SEQ_LEN)]
+        tail_sources += [name] * (len(stream) - full)
+        tails += stream[full:]
+    joined = len(tails) // SEQ_LEN
+    windows += [(tails[i * SEQ_LEN:(i + 1) * SEQ_LEN], tail_sources[i * SEQ_LEN]) for i in range(joined)]
+    ds = ShardedDataset([tmp_path / "out"])
+    sources = ds.sample_sources()
+    assert [(ds[i].tolist(), ds.sources[sources[i]]) for i in range(len(ds))] == windows
+    assert manifest["stats"]["dropped_tail_tokens"] == len(tails) - joined * SEQ_LEN
+    assert manifest["shards"][-1]["name"].startswith("shard_tail_") and joined >= 1
