@@ -1,0 +1,92 @@
+"""The files one rank writes for one checkpoint: planned in the training thread, written later.
+
+Planning records what to write (DeepSpeed's state dicts, the portable safetensors, small JSON). For
+a background save it also takes a snapshot: every tensor is copied into CPU buffers that are kept
+and reused by the next save, so the training step may change its own tensors at once; the step
+waits only for that copy. `write()` then writes every file, hashing the bytes on their way to disk
+(megamobi.checkpointing.hashed_files), and returns the digests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_map
+
+from megamobi.checkpointing.hashed_files import (
+    FileDigests,
+    json_save_hashed,
+    safetensors_save_hashed,
+    torch_save_hashed,
+)
+from megamobi.files import sha256_file
+
+
+class SnapshotBuffers:
+    """CPU copies of a checkpoint's tensors, reused across saves (allocating fresh memory costs
+    page faults, several times slower than copying into memory already touched)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, int], torch.Tensor] = {}
+
+    def copy(self, obj: Any, *, key: str) -> Any:
+        """`obj` with every tensor replaced by its copy (nested dicts, lists and tuples)."""
+        counter = iter(range(1 << 62))
+
+        def copy_tensor(value):
+            if not isinstance(value, torch.Tensor):
+                return value
+            slot = (key, next(counter))
+            buffer = self._buffers.get(slot)
+            if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
+                buffer = self._buffers[slot] = torch.empty(value.shape, dtype=value.dtype, device="cpu",
+                                                           pin_memory=value.is_cuda)
+            return buffer.copy_(value.detach(), non_blocking=value.is_cuda)
+
+        copied = tree_map(copy_tensor, obj)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return copied
+
+
+class CheckpointJob:
+    def __init__(self, directory: Path, *, snapshot: SnapshotBuffers | None = None) -> None:
+        self.directory = Path(directory)
+        self.snapshot = snapshot  # None: written before the training step continues, no copy needed
+        self.digests = FileDigests(self.directory)
+        self._writes: list[Callable[[], None]] = []
+
+    def _held(self, obj: Any, path: Path) -> Any:
+        if self.snapshot is None:
+            return obj
+        return self.snapshot.copy(obj, key=str(Path(path).relative_to(self.directory)))
+
+    def add_torch(self, path: Path, obj: Any, **save_kwargs) -> None:
+        held = self._held(obj, path)
+        self._writes.append(lambda: torch_save_hashed(held, Path(path), self.digests, **save_kwargs))
+
+    def add_safetensors(self, path: Path, tensors: dict[str, torch.Tensor], *, metadata: dict[str, str],
+                        private: bool = False) -> None:
+        """`private`: the tensors are this save's own (gathered copies), no snapshot needed."""
+        held = tensors if private else self._held(tensors, path)
+        self._writes.append(lambda: safetensors_save_hashed(held, Path(path), self.digests, metadata=metadata))
+
+    def add_json(self, path: Path, data: Any) -> None:
+        """`data` must not change afterwards (pass a fresh object)."""
+        self._writes.append(lambda: json_save_hashed(data, Path(path), self.digests))
+
+    def write(self, *, verify: bool = False) -> dict[str, dict[str, Any]]:
+        """Write every file; `verify`: then read each back and compare (a background save does, so
+        that `latest` never moves to files that differ from what was written)."""
+        for write in self._writes:
+            write()
+        self._writes.clear()
+        if verify:
+            for name, expected in self.digests.files.items():
+                path = self.directory / name
+                if path.stat().st_size != expected["bytes"] or sha256_file(path) != expected["sha256"]:
+                    raise RuntimeError(f"{path}: the bytes on disk differ from the bytes written")
+        return self.digests.files
