@@ -58,6 +58,7 @@ class CheckpointJob:
         self.snapshot = snapshot  # None: written before the training step continues, no copy needed
         self.digests = FileDigests(self.directory)
         self._writes: list[Callable[[], None]] = []
+        self._paths: list[Path] = []  # every file this job writes, for discard()
 
     def _held(self, obj: Any, path: Path) -> Any:
         if self.snapshot is None:
@@ -66,16 +67,19 @@ class CheckpointJob:
 
     def add_torch(self, path: Path, obj: Any, **save_kwargs) -> None:
         held = self._held(obj, path)
+        self._paths.append(Path(path))
         self._writes.append(lambda: torch_save_hashed(held, Path(path), self.digests, **save_kwargs))
 
     def add_safetensors(self, path: Path, tensors: dict[str, torch.Tensor], *, metadata: dict[str, str],
                         private: bool = False) -> None:
         """`private`: the tensors are this save's own (gathered copies), no snapshot needed."""
         held = tensors if private else self._held(tensors, path)
+        self._paths.append(Path(path))
         self._writes.append(lambda: safetensors_save_hashed(held, Path(path), self.digests, metadata=metadata))
 
     def add_json(self, path: Path, data: Any) -> None:
         """`data` must not change afterwards (pass a fresh object)."""
+        self._paths.append(Path(path))
         self._writes.append(lambda: json_save_hashed(data, Path(path), self.digests))
 
     def write(self, *, verify: bool = False) -> dict[str, dict[str, Any]]:
@@ -90,3 +94,9 @@ class CheckpointJob:
                 if path.stat().st_size != expected["bytes"] or sha256_file(path) != expected["sha256"]:
                     raise RuntimeError(f"{path}: the bytes on disk differ from the bytes written")
         return self.digests.files
+
+    def discard(self) -> None:
+        """Remove what this job wrote (after a failure: a full disk gets its space back, so that the
+        rank can still report the failure)."""
+        for path in self._paths:
+            path.unlink(missing_ok=True)

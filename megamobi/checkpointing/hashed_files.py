@@ -45,17 +45,22 @@ class HashingWriter:
         self._hash = hashlib.sha256()
         self._digests = digests
         self._size = 0
+        self.error: OSError | None = None  # the write that failed, e.g. on a full disk
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
-        if view.nbytes >= _OVERLAP_BYTES:
-            # The caller may reuse `data` once write returns: the hash must be done by then too.
-            hashed = _HASHER.submit(self._hash.update, view)
-            self._stream.write(view)
-            hashed.result()
-        else:
-            self._hash.update(view)
-            self._stream.write(view)
+        try:
+            if view.nbytes >= _OVERLAP_BYTES:
+                # The caller may reuse `data` once write returns: the hash must be done by then too.
+                hashed = _HASHER.submit(self._hash.update, view)
+                self._stream.write(view)
+                hashed.result()
+            else:
+                self._hash.update(view)
+                self._stream.write(view)
+        except OSError as err:  # torch.save's C++ writer would turn it into "unexpected pos ..."
+            self.error = err
+            raise
         self._size += view.nbytes
         return view.nbytes
 
@@ -71,7 +76,12 @@ class HashingWriter:
     def close(self) -> None:
         if self._stream.closed:
             return
-        self._stream.flush()
+        try:
+            self._stream.flush()
+        except OSError as err:
+            self.error = err
+            self._stream.close()
+            raise
         os.fsync(self._stream.fileno())
         self._stream.close()
         self._digests.record(self.path, size=self._size, sha256=self._hash.hexdigest())
@@ -88,7 +98,12 @@ class HashingWriter:
 
 def torch_save_hashed(obj: Any, path: Path, digests: FileDigests, **kwargs) -> None:
     with HashingWriter(path, digests) as stream:
-        torch.save(obj, stream, **kwargs)
+        try:
+            torch.save(obj, stream, **kwargs)
+        except Exception:
+            if stream.error is not None:
+                raise stream.error from None
+            raise
 
 
 def json_save_hashed(data: Any, path: Path, digests: FileDigests) -> None:

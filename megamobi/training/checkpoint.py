@@ -153,21 +153,25 @@ def save_checkpoint(*, run_dir: Path, engine, state: TrainerState, model_config:
         job.add_json(partial / TRAINER_STATE, dict(state.__dict__))
 
     def write_and_publish() -> None:
+        failed = None
         try:
             files = job.write(verify=writer.background)
             slow_save_for_tests()  # MEGAMOBI_TEST_SAVE_DELAY_S: a signal or a kill can arrive mid-save
             report_rank_done(partial, rank=rank, files=files)
         except Exception as err:
+            failed = err
+            job.discard()  # a full disk gets its space back, so the report below can be written
             report_rank_done(partial, rank=rank, files=None, error=f"{type(err).__name__}: {err}")
-            raise
         if rank == 0:
             try:
-                digests = gather_rank_digests(partial, world_size=world_size)
+                digests = gather_rank_digests(partial, world_size=world_size)  # every rank, rank 0 too
             except CheckpointNotSaved:
                 shutil.rmtree(partial, ignore_errors=True)
                 raise
             publish_checkpoint(partial, final, model_config=model_config, info=manifest_info, digests=digests)
             prune_checkpoints(run_dir, keep_last=keep_last, protect=(final, *protect))
+        if failed is not None:
+            raise failed
 
     writer.submit(write_and_publish, what=name)
     if not writer.background:

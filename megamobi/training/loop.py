@@ -357,13 +357,17 @@ class Trainer:
         return path
 
     def wait_for_checkpoint(self) -> None:
-        """The last save is complete (published, or reported as failed: then this raises)."""
+        """Collective: the last save is complete, published on every rank's word, or this raises."""
         failed = self.checkpoint_writer.wait()
+        if self.checkpoint_writer.background and self.last_checkpoint is not None:
+            anyone = torch.tensor([0.0 if failed is None else 1.0], device=self.device)
+            dist.all_reduce(anyone, op=dist.ReduceOp.MAX)  # also: rank 0 has published it
+            if anyone.item() and failed is None:
+                failed = RuntimeError("another rank could not write its part (it reported why)")
+            if failed is None:
+                self.logger.info(f"saved checkpoint {self.last_checkpoint}")
         if failed is not None:
             raise RuntimeError(f"the last checkpoint ({self.last_checkpoint}) was not saved: {failed}") from failed
-        if self.checkpoint_writer.background and self.last_checkpoint is not None:
-            dist.barrier()  # rank 0 published it: every rank may now report it saved
-            self.logger.info(f"saved checkpoint {self.last_checkpoint}")
 
 
 def _truncate_metrics(path: Path, *, after_step: int) -> None:
