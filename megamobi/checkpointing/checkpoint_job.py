@@ -27,10 +27,29 @@ from megamobi.files import sha256_file
 
 class SnapshotBuffers:
     """CPU copies of a checkpoint's tensors, reused across saves (allocating fresh memory costs
-    page faults, several times slower than copying into memory already touched)."""
+    page faults, several times slower than copying into memory already touched). Within one save,
+    a tensor that lies inside memory already copied (the portable files' fp32 weights and moments
+    are views of DeepSpeed's flat optimizer partitions) becomes a view of that copy: each byte of
+    the training state is copied once."""
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, int], torch.Tensor] = {}
+        # (storage address, dtype) -> (first, last element, copy, the original: held so that its memory
+        # cannot be reused by another tensor of this save, which would then look "already copied").
+        self._copied: dict[tuple[int, torch.dtype], list[tuple[int, int, torch.Tensor, torch.Tensor]]] = {}
+
+    def begin(self) -> None:
+        """A new save: nothing of it copied yet."""
+        self._copied.clear()
+
+    def _already_copied(self, value: torch.Tensor) -> torch.Tensor | None:
+        if not value.is_contiguous():
+            return None
+        start = value.storage_offset()
+        for first, last, copy, _ in self._copied.get((value.untyped_storage().data_ptr(), value.dtype), ()):
+            if first <= start and start + value.numel() <= last:
+                return copy[start - first:start - first + value.numel()].view(value.shape)
+        return None
 
     def copy(self, obj: Any, *, key: str) -> Any:
         """`obj` with every tensor replaced by its copy (nested dicts, lists and tuples)."""
@@ -39,12 +58,20 @@ class SnapshotBuffers:
         def copy_tensor(value):
             if not isinstance(value, torch.Tensor):
                 return value
+            seen = self._already_copied(value)
+            if seen is not None:
+                return seen
             slot = (key, next(counter))
             buffer = self._buffers.get(slot)
             if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
                 buffer = self._buffers[slot] = torch.empty(value.shape, dtype=value.dtype, device="cpu",
                                                            pin_memory=value.is_cuda)
-            return buffer.copy_(value.detach(), non_blocking=value.is_cuda)
+            buffer.copy_(value.detach(), non_blocking=value.is_cuda)
+            if value.is_contiguous():
+                start = value.storage_offset()
+                self._copied.setdefault((value.untyped_storage().data_ptr(), value.dtype), []).append(
+                    (start, start + value.numel(), buffer.view(-1), value))
+            return buffer
 
         copied = tree_map(copy_tensor, obj)
         if torch.cuda.is_available():
@@ -56,6 +83,8 @@ class CheckpointJob:
     def __init__(self, directory: Path, *, snapshot: SnapshotBuffers | None = None) -> None:
         self.directory = Path(directory)
         self.snapshot = snapshot  # None: written before the training step continues, no copy needed
+        if snapshot is not None:
+            snapshot.begin()
         self.digests = FileDigests(self.directory)
         self._writes: list[Callable[[], None]] = []
         self._paths: list[Path] = []  # every file this job writes, for discard()

@@ -58,14 +58,23 @@ class WindowWriter:
         self._stream = None
 
     def _source(self, name: str) -> int:
-        found = self._source_ids.get(name)
-        if found is None:
-            found = self._source_ids[name] = len(self.source_names)
+        try:
+            return self._source_ids[name]
+        except KeyError:
+            self._source_ids[name] = len(self.source_names)
             self.source_names.append(name)
-        return found
+            return self._source_ids[name]
 
     def add(self, tokens: np.ndarray, source: str) -> None:
         source_id, done, count = self._source(source), 0, len(tokens)
+        if count == SEQ_LEN and self._fill % SEQ_LEN == 0:  # one whole window (every Amber line)
+            self._row_sources.append(source_id)
+            self._window_runs = [[source_id, SEQ_LEN]]
+            self._flat[self._fill:self._fill + SEQ_LEN] = tokens
+            self._fill += SEQ_LEN
+            if self._fill == self._flat.size:
+                self._write_rows(_BLOCK_SAMPLES)
+            return
         while done < count:
             take = min(count - done, SEQ_LEN - self._fill % SEQ_LEN)
             if self._fill % SEQ_LEN == 0:  # a new window: its source is this token's

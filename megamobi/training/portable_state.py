@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from deepspeed.utils import (
     safe_get_full_fp32_param,
     safe_get_full_optimizer_state,
@@ -41,13 +42,29 @@ ADAM_STATES = ("exp_avg", "exp_avg_sq")
 OPTIMIZER_DIR = "optimizer"
 
 
+def _whole_fragment(param: torch.nn.Parameter, key: str | None = None) -> torch.Tensor | None:
+    """Under ZeRO-1/2 with one data-parallel rank, the optimizer's flat fp32 partition holds the
+    whole parameter: a view of it (no new memory, no all-reduce), else None."""
+    mapping = getattr(param, "_hp_mapping", None)
+    if (mapping is None or dist.get_world_size(group=param._dp_group) != 1
+            or mapping.lp_fragment_address.numel != param.numel()):
+        return None
+    return mapping.get_hp_fragment(key).view(param.shape)
+
+
 def _full_weight(param: torch.nn.Parameter) -> tuple[torch.Tensor, bool]:
-    """(fp32 weight on the CPU, whether it is a new tensor rather than the live parameter)."""
+    """(fp32 weight on the CPU, whether it is a new tensor rather than the live state)."""
+    whole = _whole_fragment(param)
+    if whole is not None:
+        return whole.cpu(), False
     full = safe_get_full_fp32_param(param)  # collective over the data-parallel group under ZeRO: a new tensor
     return (param.detach().float() if full is None else full).cpu(), full is not None
 
 
 def _full_state(param: torch.nn.Parameter, key: str, *, optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor, bool]:
+    whole = _whole_fragment(param, key)
+    if whole is not None:
+        return whole.cpu(), False
     full = safe_get_full_optimizer_state(param, key)  # collective under ZeRO: a new tensor
     if full is None:  # ZeRO-0 (fp32 only): the torch optimizer holds the model's own parameters
         state = optimizer.state.get(param, {})
