@@ -7,7 +7,8 @@ Rows (name, measured, floor / anchor, ratio, goal, met):
   per-worker rate   tokens per CPU-second of the workers of a --workers N run (their CPU time only)
                     over the fastest of {orjson, msgspec} x {np.array, np.fromiter} parsing each line
                     of the same file (read into memory first) into a uint16 array
-  main process      the main process's CPU time per token over the workers' (goal: at most 5 %)
+  main process      the main process's CPU time per token over the workers' (goal: at most 5 %): the
+                    extra CPU of a run on twice the lines, so that a run's fixed costs cancel out
 CPU time, not wall time: the figures hold on a machine shared with other work.
 """
 import argparse
@@ -80,20 +81,28 @@ def preprocess_cpu(path: Path, out: Path, *, workers: int) -> dict:
             "worker_cpu_s": cpu(children_after, children_before), "shards": len(manifest["shards"])}
 
 
-def rows(*, lines: int = 3000, workers: int = 2, workdir: Path | None = None) -> list[dict]:
+def rows(*, lines: int = 3000, workers: int = 2, workdir: Path | None = None, repeats: int = 3) -> list[dict]:
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        path = write_amber_file(Path(tmp) / "train_000.jsonl", lines=lines)
-        floor, floor_name = parse_floor(path)
-        runs = [preprocess_cpu(path, Path(tmp) / "out", workers=workers) for _ in range(2)]
-    run = min(runs, key=lambda r: r["worker_cpu_s"])  # the less disturbed of two runs
-    per_worker = run["tokens"] / run["worker_cpu_s"]
-    main_share = run["main_cpu_s"] / run["worker_cpu_s"]
+        half = write_amber_file(Path(tmp) / "train_000.jsonl", lines=lines // 2)
+        whole = write_amber_file(Path(tmp) / "train_001.jsonl", lines=lines, seed=1)
+        floor, floor_name = parse_floor(whole, repeats=repeats)
+        preprocess_cpu(half, Path(tmp) / "out", workers=workers)  # warm-up: imports, page cache
+        runs = [(preprocess_cpu(half, Path(tmp) / "out", workers=workers),
+                 preprocess_cpu(whole, Path(tmp) / "out", workers=workers)) for _ in range(repeats)]
+    # The least disturbed run of each size: other load on the machine only adds CPU time (caches).
+    small = min((r[0] for r in runs), key=lambda r: r["worker_cpu_s"] + r["main_cpu_s"])
+    big = min((r[1] for r in runs), key=lambda r: r["worker_cpu_s"] + r["main_cpu_s"])
+    per_worker = big["tokens"] / big["worker_cpu_s"]
+    # Per token: the extra main-process CPU of twice the tokens over the workers' extra CPU (the
+    # fixed costs of a run, pool start-up and the manifest, cancel out).
+    marginal = (big["main_cpu_s"] - small["main_cpu_s"]) / (big["worker_cpu_s"] - small["worker_cpu_s"])
     return [
         {"name": f"preprocess per worker (tokens/CPU-s, --workers {workers})", "measured": per_worker,
          "anchor": f"{floor:.4g} ({floor_name})", "ratio": per_worker / floor, "goal": ">= 0.9",
          "met": per_worker / floor >= 0.9},
-        {"name": "preprocess main process CPU per token / a worker's", "measured": main_share,
-         "anchor": "worker CPU per token", "ratio": main_share, "goal": "<= 0.05", "met": main_share <= 0.05},
+        {"name": "preprocess main-process CPU per token / a worker's", "measured": marginal,
+         "anchor": f"whole run {big['main_cpu_s'] / big['worker_cpu_s']:.3f}", "ratio": marginal, "goal": "<= 0.05",
+         "met": marginal <= 0.05},
     ]
 
 
