@@ -120,7 +120,7 @@ class CheckpointJob:
         if verify:
             for name, expected in self.digests.files.items():
                 path = self.directory / name
-                if path.stat().st_size != expected["bytes"] or sha256_file(path) != expected["sha256"]:
+                if path.stat().st_size != expected["bytes"] or sha256_file(path, direct=True) != expected["sha256"]:
                     raise RuntimeError(f"{path}: the bytes on disk differ from the bytes written")
         return self.digests.files
 

@@ -107,6 +107,6 @@ def _file_problem(path: Path, expected: dict[str, Any]) -> str | None:
         return f"{path}: missing"
     if path.stat().st_size != expected["bytes"]:
         return f"{path}: {path.stat().st_size} bytes, manifest says {expected['bytes']}"
-    if sha256_file(path) != expected["sha256"]:
+    if sha256_file(path, direct=True) != expected["sha256"]:
         return f"{path}: sha256 differs from the manifest"
     return None

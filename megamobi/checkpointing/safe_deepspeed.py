@@ -49,7 +49,10 @@ class PlannedSaveCheckpointEngine(SafeTorchCheckpointEngine):
     def save(self, state_dict, path: str):
         if self.job is None:
             return super().save(state_dict, path)
-        self.job.add_torch(Path(path), state_dict, _use_new_zipfile_serialization=self.zipfile_serialization)
+        # torch's legacy format writes each storage straight from memory; the zip format also
+        # computes a CRC-32 of every byte (about 0.4 CPU-seconds per GB), which the sha256 in the
+        # manifest makes redundant. torch.load reads both (weights_only included).
+        self.job.add_torch(Path(path), state_dict, _use_new_zipfile_serialization=False)
 
     def preserves_storage_sharing(self) -> bool:
         # DeepSpeed clones tensors that are views unless told otherwise; a snapshot copies them anyway.
