@@ -7,8 +7,9 @@ Rows (name, measured, floor / anchor, ratio, goal, met):
   per-worker rate   tokens per CPU-second of the workers of a --workers N run (their CPU time only)
                     over the fastest of {orjson, msgspec} x {np.array, np.fromiter} parsing each line
                     of the same file (read into memory first) into a uint16 array
-  main process      the main process's CPU time per token over the workers' (goal: at most 5 %): the
-                    extra CPU of a run on twice the lines, so that a run's fixed costs cancel out
+  main process      the main process's CPU time over the workers' for the whole run (its fixed costs,
+                    pool start-up and manifest, included; goal: at most 5 %), and beside it the marginal
+                    share (the extra CPU of twice the lines), noisy on a busy machine
 CPU time, not wall time: the figures hold on a machine shared with other work.
 """
 import argparse
@@ -39,8 +40,8 @@ def write_amber_file(path: Path, *, lines: int, seed: int = 0) -> Path:
     return path
 
 
-def parse_floor(path: Path, *, repeats: int = 3) -> tuple[float, str]:
-    """Tokens per CPU-second of the fastest way to parse every line into uint16, and its name."""
+def parse_floor(path: Path, *, repeats: int = 3) -> dict[str, float]:
+    """Tokens per CPU-second of each way to parse every line into uint16 (best of `repeats`)."""
     import msgspec
     import orjson
 
@@ -60,8 +61,7 @@ def parse_floor(path: Path, *, repeats: int = 3) -> tuple[float, str]:
             start = time.process_time()
             way()
             best[name] = min(best.get(name, float("inf")), time.process_time() - start)
-    name = min(best, key=best.get)
-    return tokens / best[name], name
+    return {name: tokens / seconds for name, seconds in best.items()}
 
 
 def preprocess_cpu(path: Path, out: Path, *, workers: int) -> dict:
@@ -85,7 +85,7 @@ def rows(*, lines: int = 3000, workers: int = 2, workdir: Path | None = None, re
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         half = write_amber_file(Path(tmp) / "train_000.jsonl", lines=lines // 2)
         whole = write_amber_file(Path(tmp) / "train_001.jsonl", lines=lines, seed=1)
-        floor, floor_name = parse_floor(whole, repeats=repeats)
+        floors = parse_floor(whole, repeats=repeats)
         preprocess_cpu(half, Path(tmp) / "out", workers=workers)  # warm-up: imports, page cache
         runs = [(preprocess_cpu(half, Path(tmp) / "out", workers=workers),
                  preprocess_cpu(whole, Path(tmp) / "out", workers=workers)) for _ in range(repeats)]
@@ -96,13 +96,18 @@ def rows(*, lines: int = 3000, workers: int = 2, workdir: Path | None = None, re
     # Per token: the extra main-process CPU of twice the tokens over the workers' extra CPU (the
     # fixed costs of a run, pool start-up and the manifest, cancel out).
     marginal = (big["main_cpu_s"] - small["main_cpu_s"]) / (big["worker_cpu_s"] - small["worker_cpu_s"])
+    whole_run = big["main_cpu_s"] / big["worker_cpu_s"]  # fixed costs included: an upper bound
+    floor_name = max(floors, key=floors.get)
+    floor, issue_floor = floors[floor_name], floors["orjson + np.array"]
     return [
         {"name": f"preprocess per worker (tokens/CPU-s, --workers {workers})", "measured": per_worker,
          "anchor": f"{floor:.4g} ({floor_name})", "ratio": per_worker / floor, "goal": ">= 0.9",
          "met": per_worker / floor >= 0.9},
-        {"name": "preprocess main-process CPU per token / a worker's", "measured": marginal,
-         "anchor": f"whole run {big['main_cpu_s'] / big['worker_cpu_s']:.3f}", "ratio": marginal, "goal": "<= 0.05",
-         "met": marginal <= 0.05},
+        {"name": "  the same against orjson + np.array (issue 19's anchor)", "measured": per_worker,
+         "anchor": f"{issue_floor:.4g}", "ratio": per_worker / issue_floor, "goal": ">= 0.9",
+         "met": per_worker / issue_floor >= 0.9},
+        {"name": "preprocess main-process CPU per token / a worker's (whole run)", "measured": whole_run,
+         "anchor": f"marginal {marginal:.3f}", "ratio": whole_run, "goal": "<= 0.05", "met": whole_run <= 0.05},
     ]
 
 

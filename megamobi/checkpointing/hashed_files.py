@@ -21,8 +21,17 @@ import torch
 
 _STAGE_BYTES = 8 << 20  # written (and hashed) in blocks of this size
 _ALIGN = 4096  # O_DIRECT wants buffer, size and offset aligned to the logical block size
-_HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="megamobi-sha256")
 _THREAD = threading.local()
+_HASHERS: dict[int, ThreadPoolExecutor] = {}  # by process id: a forked child has none of its parent's threads
+
+
+def _hasher() -> ThreadPoolExecutor:
+    """This process's helper thread for sha256 (created on first use, again after a fork)."""
+    pid = os.getpid()
+    if pid not in _HASHERS:
+        _HASHERS.clear()
+        _HASHERS[pid] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="megamobi-sha256")
+    return _HASHERS[pid]
 
 
 class FileDigests:
@@ -82,7 +91,7 @@ class HashingWriter:
 
     def _drain(self) -> None:
         """Write the staged bytes (padded to the alignment for O_DIRECT), hashing them meanwhile."""
-        hashed = _HASHER.submit(self._hash.update, self._stage[:self._fill])
+        hashed = _hasher().submit(self._hash.update, self._stage[:self._fill])
         try:
             block = self._stage[:-(-self._fill // _ALIGN) * _ALIGN] if self._direct else self._stage[:self._fill]
             while len(block):

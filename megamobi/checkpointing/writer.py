@@ -20,7 +20,7 @@ class CheckpointWriter:
     def __init__(self, *, background: bool, report: Callable[[str], None] = print) -> None:
         self.background = background
         self._snapshot = SnapshotBuffers() if background else None
-        self._report = report
+        self.report = report  # one line to the user (the rank's prefix included)
         self._thread: threading.Thread | None = None
         self._failed: BaseException | None = None
 
@@ -39,7 +39,7 @@ class CheckpointWriter:
                 work()
             except BaseException as err:  # reported here, raised by wait() at the end of the run
                 self._failed = err
-                self._report(f"checkpoint {what} NOT saved (the background save failed, nothing was "
+                self.report(f"checkpoint {what} NOT saved (the background save failed, nothing was "
                              f"published; `latest` still names the previous checkpoint): {err}")
 
         # A daemon: a run that crashes is not kept alive by a save that can no longer be published.

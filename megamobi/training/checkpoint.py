@@ -170,6 +170,8 @@ def save_checkpoint(*, run_dir: Path, engine, state: TrainerState, model_config:
                 raise
             publish_checkpoint(partial, final, model_config=model_config, info=manifest_info, digests=digests)
             prune_checkpoints(run_dir, keep_last=keep_last, protect=(final, *protect))
+            if writer.background:
+                writer.report(f"saved checkpoint {final} (written in the background)")
         if failed is not None:
             raise failed
 
