@@ -54,6 +54,15 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def fsync_directory(directory: Path) -> None:
+    """Make the creations, renames and removals of names in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def read_json(path: Path) -> Any:
     with open(path) as stream:
         return json.load(stream)

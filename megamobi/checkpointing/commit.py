@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from megamobi.checkpointing.hashed_files import fsync_directory, fsync_tree
+from megamobi.checkpointing.hashed_files import fsync_tree
 from megamobi.checkpointing.manifest import write_manifest
-from megamobi.files import write_json_atomic
+from megamobi.files import fsync_directory, write_json_atomic
 from megamobi.model_config import ModelConfig
 
 DONE_DIR = ".done"

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from megamobi.files import fsync_directory
+
 _STAGE_BYTES = 8 << 20  # written (and hashed) in blocks of this size
 _ALIGN = 4096  # O_DIRECT wants buffer, size and offset aligned to the logical block size
 _THREAD = threading.local()
@@ -189,11 +191,3 @@ def fsync_tree(directory: Path) -> None:
     """fsync every folder under `directory` (and itself): the files' names are durable too."""
     for folder in [*(p for p in Path(directory).rglob("*") if p.is_dir()), Path(directory)]:
         fsync_directory(folder)
-
-
-def fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

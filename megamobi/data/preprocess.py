@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megamobi.files import read_json, sha256_file, write_json_atomic
+from megamobi.files import fsync_directory, read_json, sha256_file, write_json_atomic
 from megamobi.version import code_version
 
 from .chunk_worker import MAX_LISTED_BAD_LINES, ChunkJob, ChunkResult, plan_chunks, process_chunk
@@ -21,7 +21,7 @@ from .input_files import expand_inputs
 from .manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, PROGRESS_NAME
 from .progress_log import LEGACY_PROGRESS_NAME, ProgressLog, legacy_complete, read_progress
 from .shard_check import shard_problems
-from .shard_writer import WindowWriter, fsync_directory, publish_shard
+from .shard_writer import WindowWriter, publish_shard
 
 WORK_DIR_NAME = ".work"  # part files of earlier versions; removed when found
 SHARD_LAYOUT = "chunk-shards-1"  # each chunk's windows in its own shards, then the joined tails

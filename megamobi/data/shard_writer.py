@@ -176,12 +176,3 @@ def publish_shard(directory: Path, shard: WrittenShard, *, global_sources: np.nd
             "src": {"file": paths["src"].name, "bytes": src_bytes, "sha256": src_sha},
         },
     }
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make the renames into `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
