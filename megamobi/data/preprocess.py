@@ -37,7 +37,7 @@ class PreprocessOptions:
     samples_per_shard: int = 262_144
     workers: int = 1
     skip_bad: bool = False
-    chunk_mb: float = 256.0
+    chunk_mb: float = 1024.0  # work unit and shard unit: ~94k Amber samples, ~7k shards for all of Amber
     overwrite: bool = False
     verify_existing: bool = False
     progress: bool = True
