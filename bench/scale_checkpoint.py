@@ -154,6 +154,13 @@ def rows(figures: dict) -> list[dict]:
     return table
 
 
+def section(*, quick: bool = False, workdir: Path | None = None) -> list[dict]:
+    """bench/scale.py's entry: the rows, for mobillama-0.5b (sync only: the async row would need
+    ~26 GB) or, quick, for bench/mid-cpu.yaml with the async row."""
+    model = str(Path(__file__).resolve().parent / "mid-cpu.yaml") if quick else "mobillama-0.5b"
+    return rows(measure(model=model, workdir=workdir, with_async=quick))
+
+
 def print_rows(table: list[dict], figures: dict) -> None:
     for row in table:
         ratio = "-" if row["ratio"] is None else f"{row['ratio']:.3f}"

@@ -111,6 +111,11 @@ def rows(*, lines: int = 3000, workers: int = 2, workdir: Path | None = None, re
     ]
 
 
+def section(*, quick: bool = False, workdir: Path | None = None) -> list[dict]:
+    """bench/scale.py's entry: the rows (quick: a third of the lines)."""
+    return rows(lines=2000 if quick else 6000, workdir=workdir)
+
+
 def print_rows(table: list[dict]) -> None:
     for row in table:
         measured = f"{row['measured']:.4g}"
