@@ -30,7 +30,7 @@ def sha256_file(path: Path, *, block_bytes: int = 8 << 20, direct: bool = False)
 def _sha256_fd(fd: int, block_bytes: int) -> str:
     """Hash an O_DIRECT file through a page-aligned buffer (anonymous mmap)."""
     digest = hashlib.sha256()
-    with mmap.mmap(-1, block_bytes) as buffer:
+    with mmap.mmap(-1, block_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as buffer:
         view = memoryview(buffer)
         try:
             while count := os.readv(fd, [view]):

@@ -140,9 +140,13 @@ class HashingWriter:
 
 
 def staging_buffer() -> memoryview:
-    """This thread's page-aligned 8 MiB buffer (anonymous mmap; kept: touched memory is cheap)."""
-    if not hasattr(_THREAD, "stage"):
-        _THREAD.stage = memoryview(mmap.mmap(-1, _STAGE_BYTES))
+    """This thread's page-aligned 8 MiB buffer (anonymous mmap; kept: touched memory is cheap).
+    Private, and made again in a forked child: ranks forked from one process must never write
+    through one buffer (a shared mapping would be shared with them)."""
+    pid = os.getpid()
+    if getattr(_THREAD, "stage_pid", None) != pid:
+        _THREAD.stage = memoryview(mmap.mmap(-1, _STAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
+        _THREAD.stage_pid = pid
     return _THREAD.stage
 
 
