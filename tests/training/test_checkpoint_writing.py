@@ -161,3 +161,32 @@ def test_failed_background_save_is_reported_and_never_published(tmp_path, token_
         assert _latest(checkpoints) == "step_0000002" and verify_checkpoint(checkpoints / "step_0000002") == []
         assert not (checkpoints / "step_0000004").exists() and not list(checkpoints.glob(".step_*.partial"))
         assert any(e and "step_0000004" in e and "was not saved" in e for e in errors), errors
+
+
+def _verify_shared(rank, checkpoint):
+    from megamobi.training.checkpoint import verify_checkpoint_across_ranks
+
+    return verify_checkpoint_across_ranks(Path(checkpoint))
+
+
+def test_resume_verification_is_shared_out_and_gathered(tmp_path):
+    """Each rank hashes about half the bytes; every rank gets every rank's findings."""
+    from megamobi.checkpointing.manifest import files_of_rank, write_manifest
+    from megamobi.model_config import ModelConfig
+
+    sizes = {"a.bin": 9000, "b/c.bin": 7000, "d.bin": 3000, "e.json": 100, "f.bin": 5000}
+    for name, size in sizes.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(os.urandom(size))
+    config = ModelConfig(name="t", vocab_size=64, hidden_size=8, num_layers=1, num_attention_heads=2,
+                         intermediate_size=8, max_seq_len=8)
+    files = write_manifest(tmp_path, model_config=config, info={"step": 1})["files"]
+    shares = [files_of_rank(files, rank=r, world=2) for r in range(2)]
+    assert sorted(shares[0] + shares[1]) == sorted(sizes) and not set(shares[0]) & set(shares[1])
+    assert sorted(sum(sizes[n] for n in share) for share in shares) == [12000, 12100]  # balanced by bytes
+    damaged = shares[1][0]  # a file only rank 1 checks
+    data = bytearray((tmp_path / damaged).read_bytes())
+    data[7] ^= 1
+    (tmp_path / damaged).write_bytes(bytes(data))
+    found = run_ranks(_verify_shared, world_size=2, args=(str(tmp_path),))
+    assert found[0] == found[1] == [f"{tmp_path / damaged}: sha256 differs from the manifest"]
