@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from megamobi.checkpointing.manifest import read_manifest
 from megamobi.checkpointing.model_files import read_full_model
+from megamobi.checkpointing.recorded_paths import launch_dir_record
 from megamobi.checkpointing.safe_deepspeed import use_safe_loading
 from megamobi.config_io import ConfigError
 from megamobi.kernels.plan import apply_run_kernels
@@ -55,14 +56,17 @@ class NonFiniteLossError(RuntimeError):
 
 
 class PreemptionFlag:
-    """Set by SIGUSR1 (SLURM's `--signal=USR1@600` warning) or SIGTERM; checked once per step."""
+    """Set by SIGUSR1 (SLURM's `--signal=USR1@600` warning), SIGTERM or SIGINT (Ctrl-C, which
+    megamobi.launcher passes on as it is); checked once per step. A second SIGINT interrupts at once."""
 
     def __init__(self):
         self.signal_name: str | None = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt  # Ctrl-C twice: stop without saving
         self.signal_name = signal.Signals(signum).name
 
 
@@ -283,10 +287,10 @@ class Trainer:
     def _agreed_preemption(self) -> str | None:
         """All ranks stop together if any rank was signalled (SLURM may signal only some). SIGTERM (a
         cancel) wins over SIGUSR1 (the time-limit warning, after which the job requeues itself)."""
-        codes = {None: 0.0, "SIGUSR1": 1.0, "SIGTERM": 2.0}
+        codes = {None: 0.0, "SIGUSR1": 1.0, "SIGTERM": 2.0, "SIGINT": 3.0}
         flag = torch.tensor([codes[self.preempted.signal_name]], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return {1.0: "SIGUSR1", 2.0: "SIGTERM"}.get(flag.item())
+        return {1.0: "SIGUSR1", 2.0: "SIGTERM", 3.0: "SIGINT"}.get(flag.item())
 
     def _log_step(self, *, loss: float, lr: float, grad_norm: float | None, step_time: float) -> None:
         tokens_per_s = self.run.tokens_per_step / step_time / dist.get_world_size()
@@ -349,6 +353,7 @@ class Trainer:
                 "layout": self._layout_record(),
                 "precision": self.run.precision, "run_config": dataclasses.asdict(self.run),
                 "data_manifests": self.data.manifest_checksums(),
+                **launch_dir_record(),  # relative data.paths resolve from it (megamobi.replay, eval, convert)
                 **self.data_provenance.manifest_info(step=self.state.step),
             })
         self.logger.info(f"saved checkpoint {path}")
