@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from megamobi.checkpointing.manifest import MANIFEST_NAME, checkpoint_model_config, read_manifest
+from megamobi.checkpointing.recorded_paths import training_tokenizer as find_training_tokenizer
 from megamobi.files import sha256_file, write_json_atomic
 
 CACHE_DIR_NAME = ".hf-eval"
@@ -42,22 +43,6 @@ def is_megamobi_checkpoint(path: Path) -> bool:
 
 def default_cache_dir(checkpoint: Path) -> Path:
     return checkpoint.resolve().parent / CACHE_DIR_NAME / checkpoint.resolve().name
-
-
-def find_training_tokenizer(manifest: dict[str, Any]) -> Path | None:
-    """The SentencePiece model the checkpoint's training shards were made with, when the shards'
-    manifest.json names one that still exists with the same sha256 (text data; Amber data was
-    tokenized elsewhere and names none)."""
-    paths = ((manifest.get("run_config") or {}).get("data") or {}).get("paths") or []
-    for data_dir in paths:
-        try:
-            info = json.loads((Path(data_dir) / "manifest.json").read_text()).get("tokenizer") or {}
-        except (OSError, json.JSONDecodeError):
-            continue
-        path = Path(info["path"]) if info.get("path") else None
-        if path is not None and path.is_file() and (not info.get("sha256") or sha256_file(path) == info["sha256"]):
-            return path
-    return None
 
 
 def check_model_path(path: Path, *, tokenizer: str | Path | None) -> str:
@@ -94,7 +79,7 @@ def resolve_model(checkpoint: str | Path, *, tokenizer: str | Path | None = None
 
 
 def _from_hf_dir(path: Path) -> ModelSource:
-    provenance: dict[str, Any] = {"path": str(path), "kind": "hf"}
+    provenance: dict[str, Any] = {"path": str(path.resolve()), "kind": "hf"}
     stamp = path / CACHE_STAMP  # an earlier megamobi.eval export keeps its provenance
     if stamp.is_file():
         provenance.update(json.loads(stamp.read_text()).get("provenance", {}))
