@@ -58,7 +58,6 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 EVAL_SETTINGS = ("num_fewshot", "limit", "lm_eval", "task_version")  # with the task: one series never mixes them
-EVAL_FIXED = {"step", "tokens", "checkpoint", "run_dir", "task", *EVAL_SETTINGS}
 
 
 def _number(text: str, *, where: str, column: str) -> float:
@@ -91,7 +90,9 @@ def read_eval_csv(path: Path) -> list[dict]:
                                               "the settings of each number); re-run python -m megamobi.eval --checkpoints"
                                               if old else "no tokens and task columns (written by python -m "
                                               "megamobi.eval --checkpoints)"))
-    metrics = [c for c in header if c not in EVAL_FIXED and not c.endswith("_stderr")]
+    from megamobi.eval.sweep import FIXED_COLUMNS
+
+    metrics = [c for c in header if c not in FIXED_COLUMNS and not c.endswith("_stderr")]
     if not metrics:
         raise PlotError(f"--eval {path}: no metric column (acc, acc_norm, ...): nothing to plot")
     rows = []

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from megamobi.checkpointing.manifest import MANIFEST_NAME, checkpoint_model_config, read_manifest
-from megamobi.checkpointing.recorded_paths import training_tokenizer as find_training_tokenizer
+from megamobi.checkpointing.recorded_paths import training_tokenizer
 from megamobi.files import sha256_file, write_json_atomic
 
 CACHE_DIR_NAME = ".hf-eval"
@@ -53,7 +53,7 @@ def check_model_path(path: Path, *, tokenizer: str | Path | None) -> str:
         raise EvalError(f"--checkpoint {path}: is a file; pass a checkpoint directory (RUN_DIR/checkpoints/step_*) "
                         "or a Hugging Face model directory")
     if is_megamobi_checkpoint(path):
-        if tokenizer is None and find_training_tokenizer(_manifest(path)) is None:
+        if tokenizer is None and training_tokenizer(_manifest(path)) is None:
             raise EvalError(f"--checkpoint {path}: its training data names no tokenizer file that still exists; "
                             "pass --tokenizer FILE.model (the SentencePiece model the data was made with)")
         return "megamobi"
@@ -102,7 +102,7 @@ def _from_megamobi(path: Path, *, tokenizer, cache_dir, progress: bool) -> Model
         if not tokenizer.is_file():
             raise EvalError(f"--tokenizer {tokenizer}: no such file (the SentencePiece .model the data was made with)")
     else:
-        tokenizer = find_training_tokenizer(manifest)
+        tokenizer = training_tokenizer(manifest)
         if tokenizer is None:
             raise EvalError(f"--checkpoint {path}: its training data names no tokenizer file that still exists; "
                             "pass --tokenizer FILE.model (the SentencePiece model the data was made with)")

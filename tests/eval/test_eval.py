@@ -374,7 +374,7 @@ def test_a_bad_value_through_the_real_command_is_one_line(repo_root):
 
 
 def test_the_tokenizer_is_found_from_the_training_data(tmp_path, eval_tokenizer):
-    from megamobi.eval.model_source import find_training_tokenizer
+    from megamobi.checkpointing.recorded_paths import training_tokenizer as find_training_tokenizer
     from megamobi.files import sha256_file
 
     shards = tmp_path / "shards"
