@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megamobi.cli_support import UserError
+from megamobi.config_io import ConfigError
 from megamobi.eval.model_source import EvalError
 
 KEY_COLUMNS = ["checkpoint", "task", "num_fewshot", "limit", "lm_eval"]
@@ -149,7 +151,8 @@ def list_checkpoints(run_dir: Path, *, report: Callable[[str], None], result: Sw
 def sweep(run_dir: Path, *, csv_path: Path, every: int | None, plan: Plan, limit: int | None, lm_eval: str,
           evaluate: Callable[[Path, Plan, str], dict[str, Any]], report: Callable[[str], None]) -> SweepResult:
     """Evaluate what csv_path lacks of `plan` on the run's complete checkpoints. `evaluate(checkpoint,
-    plan, record_name)` returns the JSON record, or raises EvalError for a checkpoint it cannot use."""
+    plan, record_name)` returns the JSON record, or raises EvalError (or the shared ConfigError /
+    UserError of the checkpoint readers) for a checkpoint it cannot use."""
     result = SweepResult()
     checkpoints = list_checkpoints(run_dir, report=report, result=result)
     if not checkpoints and not result.skipped:
@@ -172,7 +175,7 @@ def sweep(run_dir: Path, *, csv_path: Path, every: int | None, plan: Plan, limit
     for path, tasks in todo:
         try:
             record = evaluate(path, tasks, record_name(path.name, tasks, limit=limit, lm_eval=lm_eval))
-        except EvalError as err:
+        except (EvalError, ConfigError, UserError) as err:  # whichever reader refused this checkpoint
             report(f"warning: {path.name}: skipped: {err}; the sweep goes on (re-run to retry)")
             result.skipped.append(path.name)
             continue
