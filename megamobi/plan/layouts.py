@@ -90,9 +90,7 @@ def enumerate_layouts(run: RunConfig, *, world_size: int, gpus_per_node: int) ->
     for t in _divisors(world_size):
         if t > gpus_per_node:
             continue
-        if gpus_per_node % t:
-            refused[SPANS_NODES] += 1
-            continue
+        spans_nodes = gpus_per_node % t != 0
         for p in _divisors(world_size // t):
             d = world_size // (t * p)
             if gb % d:
@@ -103,7 +101,7 @@ def enumerate_layouts(run: RunConfig, *, world_size: int, gpus_per_node: int) ->
                     for ckpt in CHECKPOINTING_MODES:
                         for sp in ((False, True) if t > 1 else (False,)):
                             layout = Layout(t, p, d, micro, zero, ckpt, sp)
-                            why = refusal(run, layout, world_size)
+                            why = SPANS_NODES if spans_nodes else refusal(run, layout, world_size)
                             if why is None:
                                 accepted.append(layout)
                             else:

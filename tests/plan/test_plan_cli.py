@@ -182,6 +182,7 @@ def test_tensor_groups_never_span_nodes_unmarked(tmp_path, capsys):
     code, out, err = _run(["--config", config, "--nodes", "2", "--gpus-per-node", "3", "--gpu", "a100-80gb"], capsys)
     assert "this config's layout (not ranked: tensor groups would span nodes (T must divide the GPUs per node): T=2 " \
            "on 3 GPUs per node; timed at the InfiniBand bandwidth):" in out
+    assert "tensor groups would span nodes (T must divide the GPUs per node)" in out.split("refused by the")[1]
 
 
 def test_nothing_proposed_is_refused_by_the_run_config(paper_json):
