@@ -86,7 +86,7 @@ run_and_report() {
     0) ;;
     2) ;;  # a user error, already explained in one line
     75) echo "launch/pretrain.sh: the run stopped early, after a clean checkpoint save (exit status 75); run the same command again (or let the requeued job start) to continue" ;;
-    *) echo "launch/pretrain.sh: the run failed (exit status $status); the newest complete checkpoint in its run_dir is intact, see the messages above" >&2 ;;
+    *) echo "launch/pretrain.sh: the run failed (exit status $status); the newest complete checkpoint in its run_dir is intact; the launcher's line above names the rank that failed first and why" >&2 ;;
   esac
   return "$status"
 }
