@@ -266,18 +266,15 @@ def test_for_run_compares_with_what_the_run_measured(tmp_path, token_shards, cap
     assert f"measured {report['measured_tokens_per_s']:,.0f}" in out and "memory_gb_max" in out
 
     # Issue 20 case 5: another model or layout than the run's is refused, naming what differs, before any output.
-    for config_text, expected in ((PAPER_CONFIG, "hidden_size 32 (run) vs 2048 (estimate)"),
-                                  (str(config), "parallel.zero_stage 0 (run) vs 1 (estimate)")):
-        extra = ["parallel.zero_stage=1"] if config_text == str(config) else []
-        argv = ["--config", config_text, "--nodes", "1", "--gpus-per-node", "2", "--gpu", "h100-80gb",
-                "--for-run", str(tmp_path / "run")]
-        if extra:  # the run's own config with another ZeRO stage
-            other = write_run_yaml(tmp_path / "zero1.yaml", dataclasses.replace(
-                run, parallel=dataclasses.replace(run.parallel, zero_stage=1)))
-            argv[1] = str(other)
-        code, out, err = _run(argv, capsys)
+    zero2 = write_run_yaml(tmp_path / "zero2.yaml", dataclasses.replace(
+        run, parallel=dataclasses.replace(run.parallel, zero_stage=2)))  # the run's config with another ZeRO stage
+    for other, expected in ((PAPER_CONFIG, "model.hidden_size 32 (run) vs 2048 (estimate)"),
+                            (zero2, "parallel.zero_stage 1 (run) vs 2 (estimate)")):
+        code, out, err = _run(["--config", str(other), "--nodes", "1", "--gpus-per-node", "2", "--gpu", "h100-80gb",
+                               "--for-run", str(tmp_path / "run")], capsys)
         assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
         assert "that run trained another model or layout than this estimate is for" in err and expected in err, err
+    assert "data-parallel size 2 (run) vs" not in err  # only what differs is named
 
     (tmp_path / "run" / "metrics.jsonl").write_text("not json\n")
     code, _, err = _run(["--config", str(config), "--nodes", "1", "--gpus-per-node", "2", "--gpu", "h100-80gb",
