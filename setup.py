@@ -25,6 +25,8 @@ setup(
         "logging": ["wandb>=0.17", "tensorboard>=2.15"],
         "test": ["pytest>=8", "transformers>=4.45", "gguf>=0.10", "protobuf>=4", "megatron-core>=0.12",
                  "lm-eval>=0.4.5,<0.5", "accelerate>=0.26", "matplotlib>=3.7"],
+        # The CPU tests also run liger-kernel under Triton's interpreter: requirements/triton-interpreter.txt
+        # pins triton + liger-kernel for that (installed --no-deps; not here, since a CUDA torch pins its own triton).
         # GPU-only speed-ups, imported when present: never required.
         "gpu": ["flash-attn>=2.5", "liger-kernel>=0.8"],
     },

@@ -152,6 +152,7 @@ def tensor_bytes(model: nn.Module, optimizer) -> int:
 
 def megamobi_contender(config, args, device, dtype, x, y) -> tuple[Contender, str]:
     plan = choose_kernels(mode=args.kernels, on_cuda=device.type == "cuda",
+                          precision="fp32" if dtype == torch.float32 else "bf16",
                           compile_backend=args.compile_backend if args.compile else None)
     torch.manual_seed(0)
     with device:  # initialised where it runs: seconds instead of a minute for 0.5B on a GPU machine's CPU

@@ -58,9 +58,10 @@ shift
 
 # Check the config for the world size the launch will have, before asking for any process.
 world_size=$("$PYTHON" -m megamobi.launcher world-size) || exit $?
-check=$(WORLD_SIZE=$world_size "$PYTHON" -m megamobi.pretrain --check-only --config "$RUN_CONFIG" "$@") || exit $?
-echo "$check"
-case $check in *" is already complete: "*) exit 0 ;; esac  # a finished run: that line said so; start no rank
+# Only its first line ("... is valid for N process(es)"): the ranks print the run's schedule when they start.
+checked=$(WORLD_SIZE=$world_size "$PYTHON" -m megamobi.pretrain --check-only --config "$RUN_CONFIG" "$@") || exit $?
+head -n 1 <<<"$checked"
+case $checked in *" is already complete: "*) exit 0 ;; esac  # a finished run: that line said so; start no rank
 
 in_slurm=""
 if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${MEGAMOBI_LOCAL:-}" ]; then in_slurm=1; fi

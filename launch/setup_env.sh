@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 stamp=.venv/.megamobi-requirements.sha256
-want=$(cat requirements/ci.txt setup.py | sha256sum | cut -d' ' -f1)
+want=$(cat requirements/ci.txt requirements/triton-interpreter.txt setup.py | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -17,6 +17,8 @@ pip_install() {  # pip's exit status, without this machine's noisy "Location ...
   return "${PIPESTATUS[0]}"
 }
 pip_install -r requirements/ci.txt
+# Triton + liger-kernel for the interpreter tests, without their dependencies (no CUDA torch).
+pip_install --no-deps -r requirements/triton-interpreter.txt
 pip_install --no-deps -e .
 .venv/bin/python -c "import torch, deepspeed, megamobi" >/dev/null 2>&1 || { echo "megamobi: the environment failed to install; see the pip output above" >&2; exit 1; }
 echo "$want" > "$stamp"

@@ -1,4 +1,5 @@
-"""List a run's checkpoints as a table: what each one is and where it came from.
+"""List a run's checkpoints as a table: what each one is and where it came from (its data stage and how
+far through it, its layout, code version, the source mix it consumed).
 
     python -m megamobi.checkpoints runs/mobillama-0.5b            # one line per checkpoint
     python -m megamobi.checkpoints runs/mobillama-0.5b --verify   # also check every file's sha256
@@ -30,6 +31,16 @@ def _mix_text(mix: dict[str, float] | None) -> str:
     return " ".join(f"{name} {100 * share:.0f}%" for name, share in sorted(mix.items(), key=lambda item: -item[1]))
 
 
+def _stage_text(stage: dict | None) -> str:
+    """The data stage of a checkpoint's last step and how far through it: `2 anneal 40%`."""
+    if not stage:
+        return "-"
+    name = f" {stage['name']}" if stage.get("name") else ""
+    planned = stage.get("planned_tokens") or 0
+    progress = f" {100 * stage['tokens'] / planned:.0f}%" if planned > 0 else ""
+    return f"{stage['number']}{name}{progress}"
+
+
 def describe(run_dir: Path, *, verify: bool, mix: bool = True) -> list[dict]:
     root = checkpoints_dir(run_dir)
     # Each checkpoint's consumed source shares, replayed from its recorded data order ("-" without the shards).
@@ -49,6 +60,7 @@ def describe(run_dir: Path, *, verify: bool, mix: bool = True) -> list[dict]:
             "layout": f"T{layout.get('tensor', 1)} P{layout.get('pipeline', 1)} D{layout.get('data', 1)} Z{layout.get('zero_stage', '-')}" if layout else "-",
             "code_version": m.get("code_version"), "data_manifests": m.get("data_manifests", {}),
             "bytes": _size(m), "status": status, "consumed_mix": mixes.get(path.name) or None,
+            "data_stage": m.get("data_stage"),
         })
     return rows
 
@@ -77,14 +89,15 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             print(json.dumps(row))
         return exit_status
-    print(f"{'checkpoint':<20} {'step':>8} {'samples':>12} {'tokens':>16} {'loss':>8} {'layout':<14} {'size':>9}  {'code':<22} {'consumed mix':<24} status")
+    print(f"{'checkpoint':<20} {'step':>8} {'samples':>12} {'tokens':>16} {'loss':>8} {'layout':<14} {'size':>9}  {'code':<22} {'data stage':<16} {'consumed mix':<24} status")
     for r in rows:
         if "step" not in r:
-            print(f"{r['checkpoint']:<20} {'':>8} {'':>12} {'':>16} {'':>8} {'':<14} {'':>9}  {'':<22} {'':<24} {r['status']}")
+            print(f"{r['checkpoint']:<20} {'':>8} {'':>12} {'':>16} {'':>8} {'':<14} {'':>9}  {'':<22} {'':<16} {'':<24} {r['status']}")
             continue
         loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
         print(f"{r['checkpoint']:<20} {r['step']:>8} {r['consumed_samples']:>12,} {r['consumed_tokens']:>16,} {loss:>8} "
-              f"{r['layout']:<14} {r['bytes'] / 2**20:>7.1f}MB  {r['code_version']!s:<22} {_mix_text(r['consumed_mix']):<24} {r['status']}")
+              f"{r['layout']:<14} {r['bytes'] / 2**20:>7.1f}MB  {r['code_version']!s:<22} {_stage_text(r['data_stage']):<16} "
+              f"{_mix_text(r['consumed_mix']):<24} {r['status']}")
     return exit_status
 
 

@@ -8,6 +8,7 @@ run file fails in a second on the login node instead of an hour into a SLURM all
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -69,8 +70,25 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
+_INDEXED = re.compile(r"^(\w+)\[(\d+)\]$")  # `stages[1]`: one entry of a list (data.stages[1].until_tokens=...)
+
+
+def _step_into(node: Any, part: str, *, item: str, where: str) -> tuple[Any, str | int]:
+    """(container, key) that `part` of an override's key names inside `node`: a mapping key, or `name[i]`."""
+    indexed = _INDEXED.match(part)
+    if not indexed:
+        return node, part
+    name, index = indexed.group(1), int(indexed.group(2))
+    entries = node.get(name)
+    if not isinstance(entries, list) or index >= len(entries):
+        size = f"has {len(entries)} entries" if isinstance(entries, list) else "is not a list"
+        raise ConfigError(f"{where}: override {item!r}: {name} {size}; edit the YAML file to add one")
+    return entries, index
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str], *, where: str) -> dict[str, Any]:
-    """Apply command-line overrides `a.b.c=value` (value parsed as YAML) to nested `data`, in place."""
+    """Apply command-line overrides `a.b.c=value` (value parsed as YAML) to nested `data`, in place;
+    `a.list[i].c=value` sets a key of the i-th entry of a list (e.g. data.stages[1].until_tokens)."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -78,9 +96,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], *, where: str) -
         node = data
         *parents, leaf = key.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
+            container, name = _step_into(node, part, item=item, where=where)
+            node = container.setdefault(name, {}) if isinstance(container, dict) else container[name]
             if not isinstance(node, dict):
                 raise ConfigError(f"{where}: override {item!r}: {part!r} is not a section")
+        node, leaf = _step_into(node, leaf, item=item, where=where)
         try:
             node[leaf] = yaml.safe_load(raw)
         except yaml.YAMLError as err:

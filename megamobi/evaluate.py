@@ -6,7 +6,8 @@
 
 Which samples:
   --split val     the run's own validation split, rebuilt from the data config recorded in the
-                  checkpoint (paths, val_fraction, seed): never a training sample
+                  checkpoint (paths, val_fraction, seed; with data stages, those of the stage the
+                  checkpoint was training): never a training sample
   --split train   the rest of the run's data (its training split, unblended, in shard order)
   --split all     every sample of the shard directories (the default with --data)
   --data DIR ...  the shard directories (default: the paths recorded in the checkpoint)
@@ -43,8 +44,14 @@ def default_seq_len(*, max_seq_len: int, recorded: int | None) -> int:
 
 
 def recorded_data(manifest: dict) -> dict | None:
-    """The data section of the run config recorded in the checkpoint (None for e.g. a from-hf import)."""
-    return (manifest.get("run_config") or {}).get("data")
+    """The data config the checkpoint was training on, as recorded (None for e.g. a from-hf import): the
+    run's data section, or with data.stages the stage of its last step (paths, val_fraction, its seed)."""
+    data = (manifest.get("run_config") or {}).get("data")
+    if data and data.get("stages"):
+        from megamobi.data.stages import checkpoint_stage
+
+        return checkpoint_stage(manifest).data_record()
+    return data
 
 
 def select_samples(*, manifest: dict, checkpoint: str, data: list[str] | None, split: str):

@@ -5,11 +5,12 @@
     python -m megamobi.plot runs/x --eval runs/x/eval.csv               # + benchmark scores vs tokens
 
 One PNG per figure, several runs on the same axes (one colour each): loss.png (training and validation
-loss against tokens, log x), lr.png, grad_norm.png, throughput.png (tokens/s against steps, and MFU
-when a run logged it: a CPU run or one without logging.peak_tflops has no GPU peak, and the figure
-says so once instead of drawing an empty panel) and, with --eval, benchmarks.png (`python -m
-megamobi.eval --checkpoints RUN_DIR` writes eval.csv: one line per run and setting, never mixed).
-Every input is read and checked before any PNG is written. matplotlib's Agg backend: no display needed.
+loss against tokens, log x), lr.png (both with a dotted line where each data stage after the first
+begins), grad_norm.png, throughput.png (tokens/s against steps, and MFU when a run logged it: a CPU
+run or one without logging.peak_tflops has no GPU peak, and the figure says so once instead of
+drawing an empty panel) and, with --eval, benchmarks.png (`python -m megamobi.eval --checkpoints
+RUN_DIR` writes eval.csv: one line per run and setting, never mixed). Every input is read and checked
+before any PNG is written. matplotlib's Agg backend: no display needed.
 """
 
 from __future__ import annotations
@@ -127,6 +128,30 @@ def _series(rows: list[dict], x: str, y: str) -> tuple[list[float], list[float]]
     return xs, ys
 
 
+def stage_boundaries(rows: list[dict]) -> list[dict]:
+    """The data stages that began after step 1 (metrics.jsonl `data_stage_begins` records, docs/data.md):
+    {"step": its first step, "consumed_tokens": tokens before it, "label": "stage 2 anneal"}."""
+    marks = []
+    for r in rows:
+        number = r.get("data_stage_begins")
+        if isinstance(number, int) and number >= 2 and r.get("step", 0) > 1:
+            name = r.get("data_stage_name")
+            marks.append({"step": r["step"], "consumed_tokens": r.get("consumed_tokens"),
+                          "label": f"stage {number}" + (f" {name}" if name else "")})
+    return marks
+
+
+def _mark_stages(ax, marks: list[dict], *, x: str, color: str) -> None:
+    """A dotted vertical line where each stage begins (between its first step and the one before), labelled."""
+    for mark in marks:
+        where = mark["consumed_tokens"] if x == "tokens" else mark["step"] - 0.5
+        if where is None or where <= 0:
+            continue
+        ax.axvline(where, color=color, linestyle=":", linewidth=1.2)
+        ax.text(where, 0.98, f" {mark['label']}", color=color, rotation=90, va="top", ha="left", fontsize="small",
+                transform=ax.get_xaxis_transform())
+
+
 def _figure(plt, rows=1):
     return plt.subplots(rows, 1, figsize=(FIG_SIZE_IN[0], FIG_SIZE_IN[1] * (1 if rows <= 2 else rows / 2)),
                         dpi=DPI, squeeze=False)
@@ -165,6 +190,7 @@ def plot_runs(runs: dict[str, list[dict]], *, output: Path, evals: dict[str, lis
         xs, ys = _series(rows, "consumed_tokens", "val_loss")
         if xs:
             ax.plot(xs, ys, "o--", color=color[name], label=f"{name} validation")
+        _mark_stages(ax, stage_boundaries(rows), x="tokens", color=color[name])
     ax.set(xscale="log", xlabel="training tokens", ylabel="loss", title="loss")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
@@ -176,6 +202,8 @@ def plot_runs(runs: dict[str, list[dict]], *, output: Path, evals: dict[str, lis
         ax = axes[0][0]
         for name, rows in runs.items():
             ax.plot(*_series(rows, "step", key), color=color[name], label=name)
+            if key == "lr":
+                _mark_stages(ax, stage_boundaries(rows), x="steps", color=color[name])
         ax.set(xlabel="step", ylabel=label, title=label)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")

@@ -94,7 +94,10 @@ def _main(argv: list[str] | None) -> int:
         check_validation_data(run, data)
         from megamobi.training.data_provenance import check_resume_data
 
-        check_resume_data(run)  # a resume onto other data than run_dir's checkpoints were trained on
+        accepted = check_resume_data(run)  # a resume onto other data than run_dir's checkpoints were trained on
+        from megamobi.training.schedule_checks import check_resume_schedule
+
+        accepted += check_resume_schedule(run)  # a wsd decay may move before it begins
         finished = already_complete(run)
     except (ConfigError, DataError) as err:
         print(f"megamobi: error: {err}", file=sys.stderr)
@@ -106,7 +109,13 @@ def _main(argv: list[str] | None) -> int:
             print(finished, flush=True)
         return 0
     if args.check_only:
+        from megamobi.training.schedule_table import schedule_lines
+
         print(f"megamobi: {args.config} is valid for {world_size} process(es)")
+        for line in schedule_lines(run):
+            print(line)
+        for change in accepted:
+            print(f"on resume, accepted and recorded: {change}")
         return 0
 
     from megamobi.distributed import init_distributed

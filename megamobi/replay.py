@@ -123,7 +123,7 @@ def _print_sequence(seq, *, text: str | None, as_json: bool) -> None:
             record["text"] = text
         print(json.dumps(record))
         return
-    print(f"step {seq.step:>7}  rank {seq.rank:>3}  mb {seq.micro_batch:>3}  sample {seq.sample_index:>10}  "
+    print(f"step {seq.step:>7}  stage {seq.stage:>2}  rank {seq.rank:>3}  mb {seq.micro_batch:>3}  sample {seq.sample_index:>10}  "
           f"{seq.shard}:{seq.row}  offset {seq.offset:>4}  {seq.source}")
     if text is not None:
         print("    " + repr(text))
@@ -159,7 +159,23 @@ def _find(replay, args) -> None:
     elif not answer["consumed"]:
         print(f"  not consumed in steps 1..{replay.last_step}")
     for hit in answer["consumed"]:
-        print(f"  step {hit['step']:>7}  rank {hit['rank']:>3}  mb {hit['micro_batch']:>3}  offset {hit['offset']:>4}")
+        print(f"  step {hit['step']:>7}  stage {hit['stage']:>2}  rank {hit['rank']:>3}  mb {hit['micro_batch']:>3}  "
+              f"offset {hit['offset']:>4}")
+
+
+def _mix_rows(entry: dict) -> None:
+    print(f"{'source':<24} {'tokens':>16} {'share':>8} {'configured':>11}")
+    for name, source in entry["sources"].items():
+        print(f"{name:<24} {source['tokens']:>16,} {100 * source['share']:>7.2f}% {100 * source['configured']:>10.2f}%")
+
+
+def _configured_text(blend: str) -> str:
+    return {"weights": "the blend's source_weights", "natural": "the training split's natural mix (no blend)",
+            "stages": "each stage's configured mix, weighted by its tokens"}[blend]
+
+
+def _stage_text(stage: dict) -> str:
+    return f"stage {stage['stage']}" + (f" '{stage['name']}'" if stage["name"] else "")
 
 
 def _mix(replay, args) -> None:
@@ -167,11 +183,20 @@ def _mix(replay, args) -> None:
     if args.json:
         print(json.dumps(mix))
         return
-    print(f"steps {mix['first_step']}..{mix['last_step']}: {mix['tokens']:,} tokens; configured = "
-          + ("the blend's source_weights" if mix["blend"] == "weights" else "the training split's natural mix (no blend)"))
-    print(f"{'source':<24} {'tokens':>16} {'share':>8} {'configured':>11}")
-    for name, entry in mix["sources"].items():
-        print(f"{name:<24} {entry['tokens']:>16,} {100 * entry['share']:>7.2f}% {100 * entry['configured']:>10.2f}%")
+    if len(mix["stages"]) > 1:
+        for stage in mix["stages"]:
+            print(f"{_stage_text(stage)}, steps {stage['first_step']}..{stage['last_step']}: {stage['tokens']:,} tokens; "
+                  f"configured = {_configured_text(stage['blend'])}")
+            _mix_rows(stage)
+            print()
+        print(f"total, steps {mix['first_step']}..{mix['last_step']}: {mix['tokens']:,} tokens; configured = "
+              f"{_configured_text(mix['blend'])}")
+    else:
+        [stage] = mix["stages"]
+        where = f" ({_stage_text(stage)})" if stage["stage"] > 1 or stage["name"] else ""
+        print(f"steps {mix['first_step']}..{mix['last_step']}{where}: {mix['tokens']:,} tokens; configured = "
+              f"{_configured_text(mix['blend'])}")
+    _mix_rows(mix)
 
 
 def main(argv: list[str] | None = None) -> int:

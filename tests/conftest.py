@@ -1,10 +1,17 @@
 import json
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+# With a CPU-only torch, Triton can only run interpreted (on CPU tensors): set TRITON_INTERPRET before
+# anything imports Triton, since @triton.jit reads it when a kernel is defined. That is how
+# tests/kernels/test_liger_interpreter.py runs liger-kernel here; CUDA builds of torch are left alone.
+if torch.version.cuda is None and torch.version.hip is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `from multiproc import run_ranks`

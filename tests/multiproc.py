@@ -1,5 +1,7 @@
 """Real multi-process torch.distributed jobs for tests, started by fork so torch and DeepSpeed are
 imported once: a 4-rank gloo job then costs about a second instead of ~15 s of fresh interpreters.
+Where CUDA is usable the ranks are spawned instead (start_method()): CUDA cannot start in a forked
+child of a process that has already asked it anything.
 
     results = run_ranks(my_job, world_size=4, args=(tmp_path,))   # my_job(rank, *args) on every rank
 
@@ -18,7 +20,14 @@ import traceback
 
 import torch
 
-_FORK = multiprocessing.get_context("fork")
+
+def start_method() -> str:
+    """"fork" on CPU; "spawn" where CUDA is usable. Collection alone calls torch.cuda.is_available()
+    (liger-kernel's device probe, DeepSpeed's accelerator), which poisons fork: a forked rank then dies
+    at set_device with "Cannot re-initialize CUDA in forked subprocess". Spawned ranks re-import torch,
+    DeepSpeed and the test module (seconds each), so `fn` and `args` must be picklable: module-level
+    functions, not lambdas or closures."""
+    return "spawn" if torch.cuda.is_available() else "fork"
 
 
 def free_port() -> int:
@@ -46,19 +55,20 @@ def _child(fn, rank: int, world_size: int, port: int, args: tuple, queue) -> Non
         queue.put((rank, False, traceback.format_exc()))
 
 
-def start_ranks(fn, *, world_size: int, args: tuple = ()):
+def start_ranks(fn, *, world_size: int, args: tuple = (), method: str | None = None):
     """Start the ranks without waiting: (processes, result queue). For tests that kill -9 a job."""
-    queue = _FORK.SimpleQueue()
+    context = multiprocessing.get_context(method or start_method())
+    queue = context.SimpleQueue()
     port = free_port()
-    procs = [_FORK.Process(target=_child, args=(fn, r, world_size, port, args, queue), daemon=True)
+    procs = [context.Process(target=_child, args=(fn, r, world_size, port, args, queue), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
     return procs, queue
 
 
-def run_ranks(fn, *, world_size: int, args: tuple = (), timeout: float = 600.0) -> list:
-    procs, queue = start_ranks(fn, world_size=world_size, args=args)
+def run_ranks(fn, *, world_size: int, args: tuple = (), timeout: float = 600.0, method: str | None = None) -> list:
+    procs, queue = start_ranks(fn, world_size=world_size, args=args, method=method)
     results: dict[int, object] = {}
     failures: list[str] = []
     try:

@@ -51,7 +51,13 @@ class Segment:
     seq_len: int
     data: dict[str, Any]  # paths, source_weights, val_fraction, seed (as in the run config)
     data_manifests: dict[str, str]  # shard directory -> sha256 of its manifest.json
-    data_changed: list[str] = dataclasses.field(default_factory=list)  # accepted with data.allow_change
+    data_changed: list[str] = dataclasses.field(default_factory=list)  # accepted on resume at first_step
+    # The data stage (megamobi/data/stages.py) of these steps: 0-based index, name, and the samples
+    # consumed when the stage began (its own order counts positions from there). 0 / None / 0 for runs
+    # without data.stages and for checkpoints from before stages.
+    stage: int = 0
+    stage_name: str | None = None
+    stage_start_samples: int = 0
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Segment:
@@ -61,8 +67,8 @@ class Segment:
         return dataclasses.asdict(self)
 
     def position(self, step: int) -> int:
-        """First global position of optimizer step `step`."""
-        return self.consumed_samples_before + (step - self.first_step) * self.global_batch_size
+        """First position of optimizer step `step` in its stage's order."""
+        return self.consumed_samples_before - self.stage_start_samples + (step - self.first_step) * self.global_batch_size
 
     @property
     def end_position(self) -> int:
@@ -76,7 +82,7 @@ class Segment:
         same = {f.name for f in dataclasses.fields(self)} - {"first_step", "last_step", "consumed_samples_before",
                                                              "data_changed"}
         return (not other.data_changed and other.first_step == self.last_step + 1
-                and other.consumed_samples_before == self.end_position
+                and other.position(other.first_step) == self.end_position
                 and all(getattr(self, n) == getattr(other, n) for n in same))
 
 
@@ -154,11 +160,11 @@ class TrainOrder:
 
     def __init__(self, segment: Segment, *, verify_checksums: bool = False, launch_dir: str | None = None) -> None:
         data = segment.data
-        self.seed = data["seed"]
+        self.seed = data.get("shuffle_seed", data["seed"])  # a data stage's own order (megamobi/data/stages.py)
         self.seq_len = segment.seq_len
         paths = [resolve_recorded(p, launch_dir=launch_dir) for p in data["paths"]]
         self.base = ShardedDataset(paths, verify_checksums=verify_checksums)
-        self.train, self.val = split_train_val(self.base, val_fraction=data["val_fraction"], seed=self.seed)
+        self.train, self.val = split_train_val(self.base, val_fraction=data["val_fraction"], seed=data["seed"])
         weights = data.get("source_weights")
         self.blend = BlendedDataset(self.train, weights=weights) if weights is not None else None
         self.per_sample = (SEQ_LEN - 1) // self.seq_len
@@ -270,6 +276,7 @@ def _same_file(a: Path, b: Path) -> bool:
 @dataclasses.dataclass
 class Sequence:
     step: int
+    stage: int  # the data stage, counted from 1 (1 for runs without data.stages)
     rank: int
     micro_batch: int
     sample_index: int
@@ -348,13 +355,13 @@ class RunReplay:
                     for i, (base, offset) in enumerate(zip(bases.tolist(), offsets.tolist())):
                         shard, row = order.locate(base)
                         tokens = order.base[base][offset:offset + segment.seq_len + 1]
-                        yield Sequence(step=step, rank=r, micro_batch=i // mb, sample_index=base, shard=str(shard),
-                                       row=row, offset=offset, source=order.base.sources[int(order.sources_of([base])[0])],
+                        yield Sequence(step=step, stage=segment.stage + 1, rank=r, micro_batch=i // mb, sample_index=base,
+                                       shard=str(shard), row=row, offset=offset, source=order.base.sources[int(order.sources_of([base])[0])],
                                        tokens=[int(t) for t in tokens])
 
     def find(self, location: str) -> dict[str, Any]:
         """Where one sample's windows were consumed: {"sample_index", "shard", "row", "source",
-        "validation": bool, "consumed": [{"step", "rank", "micro_batch", "offset"}]}."""
+        "validation": bool, "consumed": [{"step", "stage", "rank", "micro_batch", "offset"}]}."""
         answer: dict[str, Any] | None = None
         for segment in self.segments:
             order = self.order(segment)
@@ -366,14 +373,15 @@ class RunReplay:
                 answer = {"sample_index": base, "shard": str(shard), "row": row,
                           "source": order.base.sources[int(order.sources_of([base])[0])], "validation": False,
                           "consumed": []}
-            hits = order.positions_of(base, start=segment.consumed_samples_before, stop=segment.end_position)
+            first = segment.position(segment.first_step)
+            hits = order.positions_of(base, start=first, stop=segment.end_position)
             if hits is None:
                 answer["validation"] = True
                 continue
             for position, offset in hits:
-                step_index, within = divmod(position - segment.consumed_samples_before, segment.global_batch_size)
+                step_index, within = divmod(position - first, segment.global_batch_size)
                 r, in_rank = divmod(within, segment.global_batch_size // segment.data_parallel_size)
-                answer["consumed"].append({"step": segment.first_step + step_index, "rank": r,
+                answer["consumed"].append({"step": segment.first_step + step_index, "stage": segment.stage + 1, "rank": r,
                                            "micro_batch": in_rank // segment.micro_batch_size, "offset": offset})
         if answer is None:
             paths = sorted({p for segment in self.segments for p in segment.data["paths"]})
@@ -381,32 +389,63 @@ class RunReplay:
         answer["consumed"].sort(key=lambda hit: (hit["step"], hit["rank"], hit["micro_batch"], hit["offset"]))
         return answer
 
+    def _segment_tokens(self, segment: Segment, lo: int, hi: int, *, chunk: int) -> dict[str, int]:
+        """Tokens per source consumed by steps lo..hi of one segment."""
+        order = self.order(segment)
+        tokens: dict[str, int] = {}
+        start, stop = segment.position(lo), segment.position(hi + 1)
+        for begin in range(start, stop, chunk):
+            bases, _ = order.windows_at(np.arange(begin, min(begin + chunk, stop), dtype=np.int64))
+            counts = np.bincount(order.sources_of(bases), minlength=len(order.base.sources))
+            for name, count in zip(order.base.sources, counts.tolist()):
+                if count:
+                    tokens[name] = tokens.get(name, 0) + count * segment.seq_len
+        return tokens
+
+    def _configured(self, segment: Segment) -> dict[str, float]:
+        weights = segment.data.get("source_weights")
+        if weights is None:
+            return self.order(segment).natural_mix()
+        total_weight = sum(weights.values())
+        return {n: w / total_weight for n, w in weights.items()}
+
     def mix(self, first: int, last: int, *, chunk: int = 1 << 20) -> dict[str, Any]:
         """Tokens consumed per source over steps first..last (seq_len per sequence, as consumed_tokens
-        counts them), beside the configured blend of the last segment."""
+        counts them), per data stage and in total, beside what was configured: each stage's blend (or
+        natural mix) as of its last segment in the range; in total, the stages' configured mixes
+        weighted by the tokens each stage consumed in the range."""
         self.check_steps(first, last)
-        tokens: dict[str, int] = {}
+        stages: list[dict[str, Any]] = []
         for segment, lo, hi in self._overlapping(first, last):
-            order = self.order(segment)
-            start, stop = segment.position(lo), segment.position(hi + 1)
-            for begin in range(start, stop, chunk):
-                bases, _ = order.windows_at(np.arange(begin, min(begin + chunk, stop), dtype=np.int64))
-                counts = np.bincount(order.sources_of(bases), minlength=len(order.base.sources))
-                for name, count in zip(order.base.sources, counts.tolist()):
-                    if count:
-                        tokens[name] = tokens.get(name, 0) + count * segment.seq_len
-        final = [s for s, _, _ in self._overlapping(first, last)][-1]
-        weights = final.data.get("source_weights")
-        if weights is not None:
-            total_weight = sum(weights.values())
-            configured = {n: w / total_weight for n, w in weights.items()}
-        else:
-            configured = self.order(final).natural_mix()
-        total = sum(tokens.values())
-        names = list(dict.fromkeys([*tokens, *configured]))
-        return {"first_step": first, "last_step": last, "tokens": total, "blend": "weights" if weights is not None else "natural",
-                "sources": {n: {"tokens": tokens.get(n, 0), "share": tokens.get(n, 0) / total if total else 0.0,
-                                "configured": configured.get(n, 0.0)} for n in names}}
+            tokens = self._segment_tokens(segment, lo, hi, chunk=chunk)
+            if not stages or stages[-1]["stage"] != segment.stage + 1:
+                stages.append({"stage": segment.stage + 1, "name": segment.stage_name, "first_step": lo, "tokens": {}})
+            part = stages[-1]
+            part["last_step"], part["segment"] = hi, segment
+            for name, count in tokens.items():
+                part["tokens"][name] = part["tokens"].get(name, 0) + count
+        total_tokens: dict[str, int] = {}
+        total_configured: dict[str, float] = {}
+        for part in stages:
+            segment = part.pop("segment")
+            configured, counts = self._configured(segment), part.pop("tokens")
+            part.update(_mix_table(counts, configured), blend="weights" if segment.data.get("source_weights") is not None else "natural")
+            for name, count in counts.items():
+                total_tokens[name] = total_tokens.get(name, 0) + count
+            for name, share in configured.items():
+                total_configured[name] = total_configured.get(name, 0.0) + share * part["tokens"]
+        total = sum(total_tokens.values())
+        total_configured = {n: v / total if total else 0.0 for n, v in total_configured.items()}
+        blend = stages[0]["blend"] if len(stages) == 1 else "stages"
+        return {"first_step": first, "last_step": last, **_mix_table(total_tokens, total_configured), "blend": blend,
+                "stages": stages}
+
+
+def _mix_table(tokens: dict[str, int], configured: dict[str, float]) -> dict[str, Any]:
+    total = sum(tokens.values())
+    names = list(dict.fromkeys([*tokens, *configured]))
+    return {"tokens": total, "sources": {n: {"tokens": tokens.get(n, 0), "share": tokens.get(n, 0) / total if total else 0.0,
+                                             "configured": configured.get(n, 0.0)} for n in names}}
 
 
 def check_data_unchanged(segment: Segment, *, where: str, launch_dir: str | None = None) -> None:

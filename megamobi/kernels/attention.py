@@ -26,9 +26,13 @@ def flash_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
     return out.transpose(1, 2)
 
 
-def attention_kernel(*, on_cuda: bool) -> str:
-    """The name of the attention kernel that will run: "flash-attn" or "sdpa"."""
-    return "flash-attn" if (flash_attn_func is not None and on_cuda) else "sdpa"
+FLASH_PRECISIONS = ("bf16", "fp16")  # flash-attn's kernels take half-precision tensors only
+
+
+def attention_kernel(*, on_cuda: bool, precision: str) -> str:
+    """The name of the attention kernel that will run: "flash-attn" (installed, CUDA, bf16/fp16
+    activations) or "sdpa" (an fp32 run on a GPU falls back to SDPA, so its log line says so)."""
+    return "flash-attn" if (flash_attn_func is not None and on_cuda and precision in FLASH_PRECISIONS) else "sdpa"
 
 
 def apply_attention_kernel(model: nn.Module, kernel: str) -> int:

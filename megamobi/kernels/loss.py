@@ -74,7 +74,9 @@ class ChunkedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         grad_hidden, grad_weight, count = ctx.saved_tensors
-        scale = grad_loss / count  # d(mean)/d(sum) times the incoming gradient
+        # d(mean)/d(sum) times the incoming gradient; with every label ignored the stored gradients are
+        # zero and stay zero (as F.cross_entropy's), while the loss itself is 0 / 0 = NaN.
+        scale = grad_loss / count.clamp(min=1)
         dh = None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype)
         dw = None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype)
         return dh, dw, None, None, None

@@ -1,11 +1,11 @@
 """Which kernels a run uses, decided once at start and logged as one line, then applied in place.
 
-    plan = choose_kernels(mode="auto", on_cuda=True, tensor=1, pipeline=1, zero_stage=1)
+    plan = choose_kernels(mode="auto", on_cuda=True, precision="bf16", tensor=1, pipeline=1, zero_stage=1)
     loss_fn = apply_kernels(model, plan, loss_fn=language_model_loss)   # model: MobiLlama or PipelineModule
     print(plan.describe())
 
 `train.kernels: auto` (default) takes, where each applies:
-  attention   flash-attn (installed, CUDA) else PyTorch SDPA
+  attention   flash-attn (installed, CUDA, bf16) else PyTorch SDPA
   layers      liger-kernel RMSNorm / rotary / SwiGLU (installed, CUDA, not compiled: with
               train.compile Inductor generates the fused element-wise kernels itself)
   loss        liger's fused linear + cross entropy (installed, CUDA), else megamobi's chunked linear +
@@ -64,8 +64,8 @@ def full_logits_reason(*, mode: str, tensor: int, pipeline: int, zero_stage: int
     return ""
 
 
-def choose_kernels(*, mode: str = "auto", on_cuda: bool, tensor: int = 1, pipeline: int = 1, zero_stage: int = 1,
-                   compile_backend: str | None = None) -> KernelPlan:
+def choose_kernels(*, mode: str = "auto", on_cuda: bool, precision: str = "bf16", tensor: int = 1, pipeline: int = 1,
+                   zero_stage: int = 1, compile_backend: str | None = None) -> KernelPlan:
     if mode not in KERNEL_MODES:
         raise ConfigError(f"train.kernels must be one of {', '.join(KERNEL_MODES)}, got {mode!r}")
     auto = mode == "auto"
@@ -75,7 +75,7 @@ def choose_kernels(*, mode: str = "auto", on_cuda: bool, tensor: int = 1, pipeli
     loss = "full-logits" if note else fused
     return KernelPlan(
         mode=mode,
-        attention=attention_kernel(on_cuda=on_cuda) if auto else "sdpa",
+        attention=attention_kernel(on_cuda=on_cuda, precision=precision) if auto else "sdpa",
         liger_layers=("rmsnorm", "rotary", "swiglu") if (liger and compile_backend is None) else (),
         loss=loss, loss_note=note, compile_backend=compile_backend, fused_adamw=on_cuda)
 
@@ -99,7 +99,7 @@ def apply_run_kernels(built, run) -> KernelPlan:
     place (module and loss_fn), and move the module to this rank's GPU so that the optimizer can be
     torch's fused AdamW (DeepSpeed would move it there anyway)."""
     on_cuda = torch.cuda.is_available()
-    plan = choose_kernels(mode=run.train.kernels, on_cuda=on_cuda, tensor=run.parallel.tensor,
+    plan = choose_kernels(mode=run.train.kernels, on_cuda=on_cuda, precision=run.precision, tensor=run.parallel.tensor,
                           pipeline=run.parallel.pipeline, zero_stage=run.parallel.zero_stage,
                           compile_backend=run.train.compile_backend if run.train.compile else None)
     built.loss_fn = apply_kernels(built.module, plan, loss_fn=built.loss_fn)

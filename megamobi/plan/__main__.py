@@ -1,5 +1,6 @@
 """python -m megamobi.plan --config RUN.yaml --nodes N --gpus-per-node G --gpu a100-80gb [--top 10] [--json]
-[--for-run RUN_DIR]: every layout of the run on that cluster, with per-GPU memory and tokens/s, best first."""
+[--for-run RUN_DIR]: every layout of the run on that cluster, with per-GPU memory and tokens/s, best first,
+then the run's schedule (its data stages' steps and tokens, the lr at each one's start and end)."""
 
 from __future__ import annotations
 
@@ -78,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print_text(run, result, gpu=gpu, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                        top=args.top or 10, compute_fraction=args.compute_fraction)
+            from megamobi.training.schedule_table import schedule_lines
+
+            print("\n".join(["", *schedule_lines(run)]))  # data stages and lr, as --check-only prints them
         if args.for_run is not None:
             print_for_run(result, args.for_run, measured, as_json=args.json)
     except ConfigError as err:

@@ -1,6 +1,6 @@
 """Test hook: with MEGAMOBI_RECORD_BATCHES=DIR set, every training micro-batch a rank consumes is
-appended to DIR/pid<PID>.jsonl (step, data-parallel rank, micro-batch, the training windows drawn by
-the sampler, their shard sample and offset, and a hash of the exact tokens fed to the model), so
+appended to DIR/pid<PID>.jsonl (step, data stage, data-parallel rank, micro-batch, the training windows
+drawn by the sampler, their shard sample and offset, and a hash of the exact tokens fed to the model), so
 tests can hold megamobi.replay to what the loader really did. Unset (always, outside tests): no cost.
 """
 
@@ -34,22 +34,18 @@ def _base_index(dataset, index: int) -> int:
             return index
 
 
-def batch_recorder(run_data, *, consumed_samples: int, dp_rank: int, sampler):
+def batch_recorder(windows, *, step: int, stage: int, dp_rank: int):
+    """record(micro_batch, indices, samples) for one step's micro-batches of this rank, or None (hook off).
+    `windows` is the stage's training view (training.data_stream.Windows)."""
     directory = os.environ.get(ENV)
     if not directory:
         return None
     path = Path(directory) / f"pid{os.getpid()}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    windows = run_data.train  # training_stream.Windows
-    first_step = consumed_samples // sampler.global_batch_size + 1
-    count = 0
 
-    def record(indices: list[int], samples: list[np.ndarray]) -> None:
-        nonlocal count
-        step, micro_batch = divmod(count, sampler.micro_batches_per_step)
-        count += 1
+    def record(micro_batch: int, indices: list[int], samples: list[np.ndarray]) -> None:
         origins = [divmod(i, windows.per_sample) for i in indices]
-        line = {"step": first_step + step, "rank": dp_rank, "micro_batch": micro_batch, "windows": list(indices),
+        line = {"step": step, "stage": stage, "rank": dp_rank, "micro_batch": micro_batch, "windows": list(indices),
                 "sample_index": [_base_index(windows.dataset, s) for s, _ in origins],
                 "offset": [w * windows.seq_len for _, w in origins],
                 "hash": [tokens_hash(s) for s in samples]}

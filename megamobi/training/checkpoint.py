@@ -110,6 +110,8 @@ def save_checkpoint(*, run_dir: Path, engine, state: TrainerState, model_config:
         partial.mkdir(parents=True)
     _barrier()
     engine.save_checkpoint(str(partial / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
+    if rank == 0:
+        drop_deepspeed_recovery_scripts(partial / DEEPSPEED_DIR)
     write_portable_state(partial)
     slow_save_for_tests()  # MEGAMOBI_TEST_SAVE_DELAY_S: a signal can arrive while a checkpoint is written
     write_json_atomic(partial / "rng" / f"rank{rank:05d}.json", rng_state())
@@ -126,6 +128,18 @@ def save_checkpoint(*, run_dir: Path, engine, state: TrainerState, model_config:
         prune_checkpoints(run_dir, keep_last=keep_last, protect=(final, *protect))
     _barrier()
     return final
+
+
+# DeepSpeed copies these into every checkpoint it saves. They cannot read ours: zero_to_fp32.py fails
+# as soon as T > 1 ("Expected 8 of '*_optim_states.pt' ... but found 16"), and neither knows megamobi's
+# shared FFN or layouts. Our own files are the way out (docs/convert.md: megamobi.convert, read_full_model).
+DEEPSPEED_RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+
+
+def drop_deepspeed_recovery_scripts(deepspeed_dir: Path) -> None:
+    """Remove DeepSpeed's recovery scripts (rank 0 copies them during save_checkpoint) before the manifest."""
+    for script in DEEPSPEED_RECOVERY_SCRIPTS:
+        (deepspeed_dir / script).unlink(missing_ok=True)
 
 
 def prune_checkpoints(run_dir: Path, *, keep_last: int | None, protect: tuple[Path | None, ...]) -> list[Path]:

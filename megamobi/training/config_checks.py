@@ -87,9 +87,11 @@ def _check_validation(run: RunConfig) -> None:
         raise ConfigError(f"train.eval_interval {t.eval_interval} must be 0 (no validation) or positive")
     if t.eval_samples < 0:
         raise ConfigError(f"train.eval_samples {t.eval_samples} must not be negative")
-    if t.eval_interval > 0 and run.data.val_fraction == 0:
-        raise ConfigError(f"train.eval_interval {t.eval_interval} asks for validation but data.val_fraction is 0 "
-                          "(no validation split): set data.val_fraction (e.g. 0.01), or train.eval_interval: 0")
+    for stage in run.data_stages if t.eval_interval > 0 else ():  # each stage validates on its own split
+        if stage.val_fraction == 0:
+            key = f"{stage.key}.val_fraction"
+            raise ConfigError(f"train.eval_interval {t.eval_interval} asks for validation but {key} is 0 "
+                              f"(no validation split): set {key} (e.g. 0.01), or train.eval_interval: 0")
     if t.eval_interval > 0 and t.eval_samples == 0:
         raise ConfigError(f"train.eval_interval {t.eval_interval} asks for validation but train.eval_samples is 0: "
                           "set train.eval_samples (e.g. 64), or train.eval_interval: 0")

@@ -1,14 +1,17 @@
 """What data a run trained on, recorded in every checkpoint, and refused when a resume would change it.
 
 Every checkpoint's megamobi.json gets `data_provenance`: the segments of training that led to it
-(steps, consumed samples before them, batch sizes, data-parallel size, seq_len, data config and the
-sha256 of each data directory's manifest.json). `python -m megamobi.replay` reads only that and the
-shards to say which tokens each step and rank consumed (megamobi/data/replay.py).
+(steps, consumed samples before them, batch sizes, data-parallel size, seq_len, the data stage, its
+data config and the sha256 of each data directory's manifest.json), and `data_stage`: the stage of its
+last step and that stage's progress. `python -m megamobi.replay` reads only that and the shards to say
+which tokens each step and rank consumed (megamobi/data/replay.py).
 
-On resume, the checkpoint's data (manifest checksums, blend, val_fraction, seed) and seq_len are
-compared with the run's: any difference would silently change the data order that the provenance
-describes, so the run stops and names `data.allow_change: true`, which continues and records what
-changed (in the next checkpoints' provenance and in metrics.jsonl).
+On resume, the checkpoint's data is compared with the run's (megamobi/training/stage_checks.py): a
+change to what a started stage trains on (its paths, their manifests, blend, split), to the seed or to
+seq_len would silently change the data order that the provenance describes, so the run stops and
+names `data.allow_change: true`, which continues and records what changed. Stages that have not
+started may change, and stages may be appended, without it: accepted and recorded the same way (in
+the next checkpoints' provenance and in metrics.jsonl).
 """
 
 from __future__ import annotations
@@ -27,54 +30,18 @@ from megamobi.data.replay import (
     read_checkpoint_manifests,
     truncate_segments,
 )
-from megamobi.files import sha256_file
+from megamobi.data.stages import STAGE_ZERO, StageCursor, StagePosition, all_paths
 from megamobi.training.run_config import RunConfig
+from megamobi.training.stage_checks import manifest_checksums, stage_changes
 
 ALLOW_KEY = "data.allow_change"
 
 
-def manifest_checksums(paths: list[str]) -> dict[str, str]:
-    """sha256 of each data directory's manifest.json (what checkpoints record as data_manifests)."""
-    return {path: sha256_file(Path(path) / "manifest.json") for path in paths}
-
-
-def _short(sha: str | None) -> str:
-    return "none" if sha is None else sha[:12]
-
-
-def data_changes(manifest: dict[str, Any], run: RunConfig) -> list[str]:
-    """What differs between the data a checkpoint was trained on and the run's; empty when nothing."""
-    saved = manifest.get("run_config") or {}
-    saved_data, saved_batch = saved.get("data") or {}, saved.get("batch") or {}
-    recorded = manifest.get("data_manifests")
-    if not saved_data or recorded is None:
-        return []  # a weights-only checkpoint (e.g. from `convert from-hf`): no data to compare with
-    changes = []
-    current = manifest_checksums(run.data.paths)
-    saved_paths = list(saved_data.get("paths", []))
-    if [recorded.get(p) for p in saved_paths] != list(current.values()):
-        if saved_paths != list(run.data.paths):
-            changes.append(f"data.paths: {saved_paths} -> {list(run.data.paths)}")
-        else:
-            for path in saved_paths:
-                if recorded.get(path) != current[path]:
-                    changes.append(f"{path}/manifest.json: sha256 {_short(recorded.get(path))} -> {_short(current[path])} "
-                                   "(the shards were rebuilt or replaced)")
-    for key, now in (("source_weights", run.data.source_weights), ("val_fraction", run.data.val_fraction),
-                     ("seed", run.data.seed)):
-        before = saved_data.get(key)
-        if before != now:
-            changes.append(f"data.{key}: {before} -> {now}")
-    if saved_batch.get("seq_len") != run.batch.seq_len:
-        changes.append(f"batch.seq_len: {saved_batch.get('seq_len')} -> {run.batch.seq_len}")
-    return changes
-
-
-def refuse_or_accept(changes: list[str], *, run: RunConfig, checkpoint: Path) -> None:
-    if changes and not run.data.allow_change:
+def refuse_or_accept(refused: list[str], *, run: RunConfig, checkpoint: Path) -> None:
+    if refused and not run.data.allow_change:
         raise ConfigError(
             f"resuming from {checkpoint} with other data than it was trained on would silently change the run's "
-            f"data order and make its provenance false. Changed: {'; '.join(changes)}. Restore the original data "
+            f"data order and make its provenance false. Changed: {'; '.join(refused)}. Restore the original data "
             f"settings, start a new run_dir, or set {ALLOW_KEY}: true to continue anyway (recorded in the next "
             "checkpoints and in metrics.jsonl)")
 
@@ -84,45 +51,100 @@ def newest_checkpoint_manifest(run_dir: str | Path) -> tuple[Path, dict] | None:
     return found[-1] if found else None
 
 
-def check_resume_data(run: RunConfig) -> None:
-    """For --check-only: the comparison a resume would make, against run_dir's newest checkpoint."""
+def check_resume_data(run: RunConfig) -> list[str]:
+    """For --check-only: the comparison a resume would make, against run_dir's newest checkpoint.
+    Returns the changes that a resume would accept and record."""
     if not run.checkpoint.resume:
-        return
+        return []
     newest = newest_checkpoint_manifest(run.run_dir)
-    if newest is not None:
-        refuse_or_accept(data_changes(newest[1], run), run=run, checkpoint=newest[0])
+    if newest is None:
+        return []
+    accepted, refused = stage_changes(newest[1], run)
+    refuse_or_accept(refused, run=run, checkpoint=newest[0])
+    return refused + accepted
 
 
 class DataProvenance:
-    """The segments behind the next checkpoint: those of the resumed checkpoint, then this run's own."""
+    """The segments behind the next checkpoint: those of the resumed checkpoint, then this run's own,
+    one per data stage (and layout); and which stage each step trains on."""
 
     def __init__(self, run: RunConfig, *, resume_from: Path | None, data_parallel_size: int) -> None:
+        self.run = run
+        self.data_parallel_size = data_parallel_size
         self.changes: list[str] = []
-        prior, step, consumed = [], 0, 0
+        self.allowed = False  # some change needed data.allow_change
+        prior, step, resumed = [], 0, None
         if resume_from is not None:
             manifest = read_manifest(resume_from)
-            self.changes = data_changes(manifest, run)
-            refuse_or_accept(self.changes, run=run, checkpoint=Path(resume_from))
-            step, consumed = manifest.get("step", 0), manifest.get("consumed_samples", 0)
+            accepted, refused = stage_changes(manifest, run)
+            refuse_or_accept(refused, run=run, checkpoint=Path(resume_from))
+            self.changes, self.allowed = refused + accepted, bool(refused)
+            step = manifest.get("step", 0)
             prior = truncate_segments(checkpoint_segments(run.run_dir, manifest), last_step=step)
-        b = run.batch
+            resumed = manifest.get("data_stage") or STAGE_ZERO
         self.prior = prior
-        self.current = Segment(
-            first_step=step + 1, last_step=step, consumed_samples_before=consumed, global_batch_size=b.global_batch_size,
-            micro_batch_size=b.micro_batch_size, data_parallel_size=data_parallel_size, seq_len=b.seq_len,
-            data={"paths": list(run.data.paths), "source_weights": run.data.source_weights,
-                  "val_fraction": run.data.val_fraction, "seed": run.data.seed},
-            data_manifests=manifest_checksums(run.data.paths), data_changed=list(self.changes))
+        self.resumed_stage = resumed  # carried into a checkpoint saved before this start trains a step
+        self.own: list[Segment] = []
         self.resumed_step = step
+        self.cursor = StageCursor(run.data_stages, resumed=resumed)
+        self.current: StagePosition | None = None
+        self._checksums = manifest_checksums(all_paths(run.data_stages))
 
-    def manifest_info(self, *, step: int) -> dict[str, Any]:
-        """The `data_provenance` entry of a checkpoint saved after `step`."""
-        segments = [*self.prior, dataclasses.replace(self.current, last_step=step)]
-        return {PROVENANCE_KEY: [s.to_record() for s in merge_segments([s for s in segments if s.last_step >= s.first_step])]}
+    def next_step(self, *, step: int, consumed_samples: int, consumed_tokens: int) -> StagePosition:
+        """The stage and position of step `step` (1-based), about to train; a stage's first step opens a segment."""
+        self.current = where = self.cursor.step(step=step, consumed_samples=consumed_samples,
+                                                consumed_tokens=consumed_tokens)
+        if where.begins or not self.own:
+            if self.own:
+                self.own[-1] = dataclasses.replace(self.own[-1], last_step=step - 1)
+            b, stage = self.run.batch, where.stage
+            self.own.append(Segment(
+                first_step=step, last_step=step - 1, consumed_samples_before=consumed_samples,
+                global_batch_size=b.global_batch_size, micro_batch_size=b.micro_batch_size,
+                data_parallel_size=self.data_parallel_size, seq_len=b.seq_len, data=stage.data_record(),
+                data_manifests={p: self._checksums[p] for p in stage.paths},
+                data_changed=[] if self.own else list(self.changes),
+                stage=stage.index, stage_name=stage.name, stage_start_samples=where.start_samples))
+        return where
+
+    def manifest_info(self, *, step: int, consumed_tokens: int, end_tokens: int) -> dict[str, Any]:
+        """The `data_provenance` and `data_stage` entries of a checkpoint saved after `step`; `end_tokens`
+        is where the run ends (the last stage's planned end)."""
+        own = self.own[:-1] + [dataclasses.replace(self.own[-1], last_step=step)] if self.own else []
+        segments = merge_segments([s for s in [*self.prior, *own] if s.last_step >= s.first_step])
+        info: dict[str, Any] = {PROVENANCE_KEY: [s.to_record() for s in segments]}
+        if self.current is not None:
+            until = self.current.stage.until_tokens
+            tps = self.run.tokens_per_step
+            start = self.current.start_tokens
+            stage_end = end_tokens if until is None else min(end_tokens, start + -(-(until - start) // tps) * tps)
+            info["data_stage"] = self.current.record(consumed_tokens=consumed_tokens, end_tokens=stage_end)
+        elif self.resumed_stage is not None:
+            info["data_stage"] = self.resumed_stage
+        return info
 
     def log_changes(self, logger) -> None:
-        """One warning line and one metrics.jsonl record when data.allow_change let changed data through."""
+        """One line and one metrics.jsonl record when the resumed data changed (stages appended or changed
+        before they started, or anything with data.allow_change)."""
         if not self.changes:
             return
-        logger.info(f"{ALLOW_KEY} is true: continuing at step {self.resumed_step} with changed data: " + "; ".join(self.changes))
-        logger.log({"step": self.resumed_step, "data_change": self.changes, "data_allow_change": True}, echo=False)
+        how = f"{ALLOW_KEY} is true" if self.allowed else "only stages not yet started or still running changed"
+        logger.info(f"{how}: continuing at step {self.resumed_step} with changed data: " + "; ".join(self.changes))
+        logger.log({"step": self.resumed_step, "data_change": self.changes, "data_allow_change": self.allowed}, echo=False)
+
+    def announce(self, where: StagePosition, *, logger, windows: int) -> None:
+        """One line, and a metrics.jsonl record (which the plots mark), when a data stage begins; the same
+        when a stage's order runs out (`windows` training windows) and its next epoch, a new shuffle, begins."""
+        stage, gb = where.stage, self.run.batch.global_batch_size
+        if where.begins and stage.staged:
+            logger.info(f"step {where.step}: {stage.label()} begins after {where.start_tokens:,} tokens "
+                        f"({', '.join(stage.paths)})")
+            logger.log({"step": where.step, "consumed_tokens": where.start_tokens, "data_stage_begins": stage.number,
+                        "data_stage_name": stage.name}, echo=False)
+        first_new, last = max(1, -(-where.position // windows)), (where.position + gb - 1) // windows
+        if first_new <= last:  # an epoch boundary falls inside this step's global batch
+            what = stage.label() if stage.staged else "the training data"
+            times = "once" if last == 1 else f"{last} times"
+            logger.info(f"step {where.step}: {what}: epoch {last + 1} begins, each of its {windows:,} training "
+                        f"windows used {times}; a new order")
+            logger.log({"step": where.step, "data_epoch": last + 1, "data_stage": stage.number}, echo=False)

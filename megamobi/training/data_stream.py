@@ -4,16 +4,19 @@ Shard samples are 2049 tokens. A run with batch.seq_len = L < 2048 cuts each sam
 2048 / L windows of L + 1 tokens that overlap by one token (2049 = k * L + 1, so nothing is
 wasted); with L = 2048 a window is the sample itself. The sampler then shuffles windows, so
 "consumed samples" in a run always counts training sequences of seq_len tokens.
+
+With data.stages, every stage has its own datasets (build_datasets with the stage's paths, blend, split
+and seed) and its own shuffled order, which starts at position 0 on the stage's first step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 
-from megamobi.data import GlobalBatchSampler, build_datasets, collate, eval_batches
+from megamobi.data import DataConfigError, GlobalBatchSampler, build_datasets, collate, eval_batches
+from megamobi.data.stages import STAGE_ZERO, DataStage, StageCursor, StagePosition, all_paths
 from megamobi.data.token_ids import check_batch_ids, check_token_ids
 from megamobi.training.batch_record import batch_recorder
 from megamobi.training.run_config import SAMPLE_TOKENS, RunConfig
@@ -36,34 +39,77 @@ class Windows:
         return self.dataset[sample][start:start + self.seq_len + 1]
 
 
+class StageData:
+    """One data stage's training and validation windows."""
+
+    def __init__(self, stage: DataStage, *, seq_len: int) -> None:
+        try:
+            train, val = build_datasets(stage.paths, source_weights=stage.source_weights,
+                                        val_fraction=stage.val_fraction, seed=stage.seed)
+        except DataConfigError as err:
+            raise DataConfigError(f"{stage.key}: {err}" if stage.staged else str(err)) from None
+        self.stage = stage
+        self.train = Windows(train, seq_len)
+        self.val = Windows(val, seq_len) if val is not None and len(val) else None
+
+
 class RunData:
+    """Every data stage's datasets (one stage without data.stages), opened and checked at start; the
+    batches of one step come from the stage that step trains on (megamobi/data/stages.py)."""
+
     def __init__(self, run: RunConfig):
-        train, val = build_datasets(run.data.paths, source_weights=run.data.source_weights,
-                                    val_fraction=run.data.val_fraction, seed=run.data.seed)
-        self.train = Windows(train, run.batch.seq_len)
-        self.val = Windows(val, run.batch.seq_len) if val is not None and len(val) else None
         self.run = run
+        self.stages = [StageData(stage, seq_len=run.batch.seq_len) for stage in run.data_stages]
+        self.current = self.stages[0]  # the stage of the latest step's batches: what validation evaluates
         self.vocab_size = run.model_config.vocab_size
-        check_token_ids(run.data.paths, vocab_size=self.vocab_size)  # ids the embedding cannot hold: exit 2 now
+        # ids the embedding cannot hold: exit 2 now
+        check_token_ids(all_paths(run.data_stages), vocab_size=self.vocab_size)
+
+    @property
+    def train(self) -> Windows:
+        return self.current.train
+
+    @property
+    def val(self) -> Windows | None:
+        return self.current.val
 
     def manifest_checksums(self) -> dict[str, str]:
         """sha256 of each data directory's manifest.json: which data a checkpoint was trained on."""
-        from megamobi.files import sha256_file
+        from megamobi.training.stage_checks import manifest_checksums
 
-        return {path: sha256_file(Path(path) / "manifest.json") for path in self.run.data.paths}
+        return manifest_checksums(all_paths(self.run.data_stages))
+
+    def step_batches(self, where: StagePosition, *, dp_rank: int, dp_size: int) -> Iterator[dict]:
+        """This data-parallel rank's micro-batches of one step: the step's slice of its stage's order.
+        From now on validation evaluates that stage's split."""
+        self.current = part = self.stages[where.stage.index]
+        sampler = GlobalBatchSampler(num_samples=len(part.train), global_batch_size=self.run.batch.global_batch_size,
+                                     micro_batch_size=self.run.batch.micro_batch_size, dp_rank=dp_rank,
+                                     dp_size=dp_size, seed=where.stage.shuffle_seed, consumed_samples=where.position)
+        record = batch_recorder(part.train, step=where.step, stage=where.stage.index, dp_rank=dp_rank)
+
+        def micro_batches() -> Iterator[dict]:
+            for micro_batch, indices in zip(range(sampler.micro_batches_per_step), sampler):
+                samples = [part.train[i] for i in indices]
+                check_batch_ids(samples, vocab_size=self.vocab_size, where=f"training windows {indices}")
+                if record is not None:
+                    record(micro_batch, indices, samples)
+                yield collate(samples)
+
+        return micro_batches()
 
     def train_batches(self, *, consumed_samples: int, dp_rank: int, dp_size: int) -> Iterator[dict]:
-        """Endless micro-batches for this data-parallel rank, continuing after `consumed_samples`."""
-        sampler = GlobalBatchSampler(num_samples=len(self.train), global_batch_size=self.run.batch.global_batch_size,
-                                     micro_batch_size=self.run.batch.micro_batch_size, dp_rank=dp_rank,
-                                     dp_size=dp_size, seed=self.run.data.seed, consumed_samples=consumed_samples)
-        record = batch_recorder(self, consumed_samples=consumed_samples, dp_rank=dp_rank, sampler=sampler)
-        for indices in sampler:
-            samples = [self.train[i] for i in indices]
-            check_batch_ids(samples, vocab_size=self.vocab_size, where=f"training windows {indices}")
-            if record is not None:
-                record(indices, samples)
-            yield collate(samples)
+        """Endless micro-batches of a run without data.stages, continuing after `consumed_samples` (the
+        trainer asks step by step, step_batches, so that stages can change)."""
+        if len(self.stages) > 1:
+            raise ValueError("train_batches() reads one data config; a run with data.stages needs step_batches()")
+        gb, seq_len = self.run.batch.global_batch_size, self.run.batch.seq_len
+        cursor = StageCursor(self.run.data_stages[:1], resumed=STAGE_ZERO)
+        step = consumed_samples // gb
+        while True:
+            step += 1
+            where = cursor.step(step=step, consumed_samples=(step - 1) * gb, consumed_tokens=(step - 1) * gb * seq_len)
+            yield from self.step_batches(where, dp_rank=dp_rank, dp_size=dp_size)
 
     def val_batches(self, *, dp_rank: int, dp_size: int) -> Iterator[dict]:
         if self.val is None:

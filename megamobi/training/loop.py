@@ -47,7 +47,9 @@ from megamobi.training.optimizer import build_optimizer
 from megamobi.training.portable_state import adam_step, load_portable_optimizer_state, write_portable_state
 from megamobi.training.preflight import check_trainer_start
 from megamobi.training.run_config import RunConfig
-from megamobi.training.schedule import learning_rate
+from megamobi.training.schedule import LrSchedule
+from megamobi.training.schedule_checks import ScheduleRecord
+from megamobi.training.schedule_table import schedule_lines
 from megamobi.version import code_version
 
 
@@ -97,6 +99,9 @@ class Trainer:
         self.resumed_from = resume_from  # never pruned by checkpoint.keep_last
         # Refuses a resume onto other data (unless data.allow_change); records what each step trained on.
         self.data_provenance = DataProvenance(run, resume_from=resume_from, data_parallel_size=self.layout.data)
+        # A wsd decay not yet begun may move on resume; other schedule changes involving wsd are refused.
+        self.schedule_record = ScheduleRecord(run, resume_from=resume_from)
+        self.lr_schedule = LrSchedule.of_run(run)
         saved_layout = read_manifest(resume_from).get("layout") if resume_from else None
         # Same layout: DeepSpeed restores its own files exactly. Any other layout (or a weights-only
         # checkpoint such as `convert from-hf` writes) goes through the plain-model files.
@@ -140,6 +145,7 @@ class Trainer:
                                     wandb_run_id=self.state.wandb_run_id, run_config=dataclasses.asdict(run))
         self.state.wandb_run_id = self.logger.wandb_run_id or self.state.wandb_run_id
         self.data_provenance.log_changes(self.logger)
+        self.schedule_record.log_changes(self.logger)
         self.flops_per_token = flops_per_token(self.model_config, seq_len=run.batch.seq_len)
 
     def _layout_record(self) -> dict[str, int]:
@@ -231,17 +237,20 @@ class Trainer:
     def train(self) -> TrainerState:
         run, state = self.run, self.state
         seq_len, gb = run.batch.seq_len, run.batch.global_batch_size
-        batches = self.data.train_batches(consumed_samples=state.consumed_samples,
-                                          dp_rank=self.groups.data_rank, dp_size=self.layout.data)
         self.logger.info(f"{self.model_config.name}: layout T={self.layout.tensor} P={self.layout.pipeline} "
                          f"D={self.layout.data}, ZeRO-{run.parallel.zero_stage}, {run.precision}, "
                          f"{self.total_steps} steps of {gb} x {seq_len} tokens, code {code_version()}")
         self.logger.info(self.kernels.describe())
+        for line in schedule_lines(run):  # stages and lr: where each begins and ends (until_tokens rounded)
+            self.logger.info(line)
         bad_in_a_row, window_start, window_steps = 0, time.perf_counter(), 0
         while state.step < self.total_steps:
-            lr = learning_rate(state.step, lr=run.optimizer.lr, min_lr=run.optimizer.min_lr,
-                               warmup_steps=run.optimizer.warmup_steps, total_steps=self.total_steps)
+            lr = self.lr_schedule(state.step)
             self._set_lr(lr)
+            where = self.data_provenance.next_step(step=state.step + 1, consumed_samples=state.consumed_samples,
+                                                   consumed_tokens=state.consumed_tokens)
+            self.data_provenance.announce(where, logger=self.logger, windows=len(self.data.stages[where.stage.index].train))
+            batches = self.data.step_batches(where, dp_rank=self.groups.data_rank, dp_size=self.layout.data)
             loss = self._train_step(batches).item()
             grad_norm = self.engine.get_global_grad_norm()
             grad_norm = None if grad_norm is None else float(grad_norm)
@@ -273,7 +282,7 @@ class Trainer:
             stop_signal = self._agreed_preemption()
             due = checkpoint_due(consumed_tokens_before=tokens_before, consumed_tokens_after=state.consumed_tokens,
                                  interval_tokens=run.checkpoint.interval_tokens)
-            if due or stop_signal or state.step == self.total_steps:
+            if due or stop_signal or (state.step == self.total_steps and run.checkpoint.save_final):
                 self.save()
             if stop_signal:
                 self.stopped_by = stop_signal
@@ -354,7 +363,10 @@ class Trainer:
                 "precision": self.run.precision, "run_config": dataclasses.asdict(self.run),
                 "data_manifests": self.data.manifest_checksums(),
                 **launch_dir_record(),  # relative data.paths resolve from it (megamobi.replay, eval, convert)
-                **self.data_provenance.manifest_info(step=self.state.step),
+                **self.data_provenance.manifest_info(
+                    step=self.state.step, consumed_tokens=self.state.consumed_tokens,
+                    end_tokens=self.state.consumed_tokens + (self.total_steps - self.state.step) * self.run.tokens_per_step),
+                **self.schedule_record.manifest_info(),
             })
         self.logger.info(f"saved checkpoint {path}")
         self.last_checkpoint = path

@@ -111,6 +111,9 @@ def check_resume_checkpoint(run, checkpoint: Path) -> None:
             f"batch.global_batch_size {gb} does not divide the {consumed} samples consumed by {checkpoint}, the "
             "checkpoint this run resumes from, so the data order cannot continue exactly: use a global batch "
             f"that divides {consumed}, or a new run_dir")
+    from megamobi.training.stage_checks import check_stage_position
+
+    check_stage_position(run, manifest, checkpoint=checkpoint)  # the same, for the position in a running data stage
 
 
 def check_init_from(run) -> None:
@@ -123,7 +126,9 @@ def check_init_from(run) -> None:
 
 def check_validation_data(run, data) -> None:
     """Validation asked for, but the split came out empty (too little data for data.val_fraction)."""
-    if run.train.eval_interval > 0 and data.val is None:
-        raise ConfigError(f"train.eval_interval {run.train.eval_interval} asks for validation, but data.val_fraction "
-                          f"{run.data.val_fraction} of {run.data.paths} gives no validation samples: raise "
-                          "data.val_fraction, or set train.eval_interval: 0")
+    for part in data.stages if run.train.eval_interval > 0 else ():
+        if part.val is None:
+            key = f"{part.stage.key}.val_fraction"
+            raise ConfigError(f"train.eval_interval {run.train.eval_interval} asks for validation, but {key} "
+                              f"{part.stage.val_fraction} of {part.stage.paths} gives no validation samples: raise "
+                              f"{key}, or set train.eval_interval: 0")

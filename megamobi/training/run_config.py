@@ -21,13 +21,31 @@ SAMPLE_TOKENS = 2049  # every shard sample: 2048 inputs + 1 shifted label (Amber
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
+class StageConfig:
+    """One data stage (megamobi/data/stages.py): its own data config, trained until `until_tokens`."""
+
     paths: list[str]
+    name: str | None = None
+    source_weights: dict[str, float] | None = None
+    val_fraction: float = 0.0
+    # The stage ends at the first step whose consumed tokens reach this (whole global batches); the last
+    # stage has none: it runs to the end of the run.
+    until_tokens: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    # Either paths (+ source_weights, val_fraction): one data config for the whole run, or stages.
+    paths: list[str] = dataclasses.field(default_factory=list)
     source_weights: dict[str, float] | None = None
     val_fraction: float = 0.0
     seed: int = 1234
-    # Resume even though the data (manifests, blend, split, seed) or seq_len differ from the checkpoint's;
-    # the change is logged and recorded (megamobi/training/data_provenance.py). Off: such a resume stops.
+    # Ordered data stages, each with its own paths / source_weights / val_fraction / until_tokens
+    # (docs/data.md "Data stages"); a stage not yet started may be changed or appended on resume.
+    stages: list[StageConfig] | None = None
+    # Resume even though what a started stage trains on (manifests, blend, split), a finished stage's end,
+    # the seed or seq_len differ from the checkpoint's; the change is logged and recorded
+    # (megamobi/training/data_provenance.py). Off: such a resume stops.
     allow_change: bool = False
 
 
@@ -49,6 +67,15 @@ class OptimizerConfig:
     eps: float = 1.0e-8
     weight_decay: float = 0.1  # never applied to norms
     clip_grad: float = 1.0
+    # cosine: the paper's warmup + cosine to min_lr at the end. wsd: warmup, then lr held (stable), then
+    # a decay of decay_shape to min_lr over the last decay_tokens (or from decay_start_tokens) of the run.
+    decay_style: Literal["cosine", "wsd"] = "cosine"
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] | None = None  # wsd only; default linear
+    decay_tokens: int | None = None  # wsd: the decay's length, ending where the run ends
+    decay_start_tokens: int | None = None  # wsd: or where the decay starts (tokens consumed before it)
+    # Resume although the lr schedule differs from the checkpoint's in a way that changes steps already
+    # taken or the lr of the next one (megamobi/training/schedule_checks.py); recorded when used.
+    allow_schedule_change: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +111,9 @@ class CheckpointConfig:
     interval_tokens: int = 0  # 0: only at the end and on SLURM's warning signal
     keep_last: int | None = None  # None keeps every checkpoint (the paper released 300+)
     resume: bool = True  # continue from the latest complete checkpoint in run_dir
+    # false: no checkpoint when train.steps is reached (benchmarks: 0.5B writes ~7.5 GB for nothing);
+    # interval and signal checkpoints are still written.
+    save_final: bool = True
     # A checkpoint (e.g. from `python -m megamobi.convert from-hf`) whose weights start a NEW run;
     # ignored once run_dir has a checkpoint of its own.
     init_from: str | None = None
@@ -128,6 +158,13 @@ class RunConfig:
             return self.train.steps
         return -(-self.train.tokens // self.tokens_per_step)
 
+    @property
+    def data_stages(self):
+        """list[megamobi.data.stages.DataStage]: data.stages, or data.paths as the one stage."""
+        from megamobi.data.stages import stages_of
+
+        return stages_of(dataclasses.asdict(self.data))
+
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.parallel.tensor * self.parallel.pipeline)
 
@@ -154,20 +191,14 @@ class RunConfig:
             raise ConfigError(f"optimizer.warmup_steps {o.warmup_steps} must be within 0..{self.total_steps} (the run's steps)")
         if not 0 <= o.min_lr <= o.lr:
             raise ConfigError(f"optimizer.min_lr {o.min_lr} must be within 0..lr ({o.lr})")
+        from megamobi.training.schedule_checks import validate_schedule
+
+        validate_schedule(self)  # decay_style wsd: decay_tokens / decay_start_tokens, decay_shape
         if o.clip_grad <= 0:
             raise ConfigError("optimizer.clip_grad must be positive (DeepSpeed would otherwise clip at 1.0 silently)")
-        if not 0 <= self.data.val_fraction < 1:
-            raise ConfigError(f"data.val_fraction {self.data.val_fraction} must be within [0, 1)")
-        if not self.data.paths:
-            raise ConfigError("data.paths is empty: give the directories written by data_tools/preprocess_amber.py")
-        for path in self.data.paths if check_data else ():
-            if not Path(path).exists():
-                where = "" if Path(path).is_absolute() else f" (relative paths are read from the current directory, {Path.cwd()})"
-                raise ConfigError(f"data.paths: {path} does not exist{where}")
-            if Path(path).is_file():
-                raise ConfigError(f"data.paths: {path} is a file; give the shard directory (the one holding manifest.json)")
-            if not (Path(path) / "manifest.json").is_file():
-                raise ConfigError(f"data.paths: {path} has no manifest.json; build it with data_tools/preprocess_amber.py")
+        from megamobi.training.stage_checks import validate_stages
+
+        validate_stages(self, check_data=check_data)  # data.paths or data.stages: each stage's data and boundary
         if self.parallel.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage must be 0..3, got {self.parallel.zero_stage}")
         if self.parallel.sequence_parallel:

@@ -37,11 +37,23 @@ def test_layouts_that_keep_the_full_logits_say_why(layout, reason):
 
 
 def test_no_liger_without_cuda_and_no_liger_layers_when_compiled():
-    # liger-kernel is not installed on CPU machines; even if it were, it needs CUDA tensors.
+    # liger-kernel is installed here for the interpreter tests, but the plan takes it only on CUDA.
     assert choose_kernels(on_cuda=False).liger_layers == ()
     assert choose_kernels(on_cuda=True, compile_backend="inductor").liger_layers == ()
     with pytest.raises(ConfigError, match="train.kernels must be one of auto, plain"):
         choose_kernels(mode="fast", on_cuda=False)
+
+
+def test_flash_attention_is_planned_only_where_it_runs(monkeypatch):
+    """flash-attn takes bf16/fp16 tensors only: an fp32 run on a GPU gets SDPA and its log line says so."""
+    from megamobi.kernels import attention
+
+    monkeypatch.setattr(attention, "flash_attn_func", lambda *a, **k: pytest.fail("not called here"))
+    assert choose_kernels(on_cuda=True, precision="bf16").attention == "flash-attn"
+    fp32 = choose_kernels(on_cuda=True, precision="fp32")
+    assert fp32.attention == "sdpa" and "attention sdpa" in fp32.describe()
+    assert choose_kernels(on_cuda=False, precision="bf16").attention == "sdpa"
+    assert choose_kernels(mode="plain", on_cuda=True, precision="bf16").attention == "sdpa"
 
 
 def test_plain_plan_leaves_the_model_as_written():
