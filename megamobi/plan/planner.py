@@ -30,7 +30,8 @@ class Candidate:
 
     def to_json(self, run: RunConfig, *, own: bool) -> dict:
         lay = self.layout
-        return {"own": own, "overrides": overrides(run, lay), "tensor": lay.tensor, "pipeline": lay.pipeline, "data": lay.data, "micro_batch": lay.micro_batch,
+        return {"own": own, "overrides": overrides(run, lay),
+                "tensor": lay.tensor, "pipeline": lay.pipeline, "data": lay.data, "micro_batch": lay.micro_batch,
                 "zero_stage": lay.zero_stage, "activation_checkpointing": lay.activation_checkpointing,
                 "sequence_parallel": lay.sequence_parallel, "fits": self.fits, "memory_gb": self.memory.gib(),
                 "step_s": round(self.time.step_s, 4), "tokens_per_s": round(self.tokens_per_s, 1),

@@ -295,7 +295,8 @@ class Trainer:
 
     def _agreed_preemption(self) -> str | None:
         """All ranks stop together if any rank was signalled (SLURM may signal only some). SIGTERM (a
-        cancel) wins over SIGUSR1 (the time-limit warning, after which the job requeues itself)."""
+        cancel) wins over SIGUSR1 (the time-limit warning, after which the job requeues itself); SIGINT
+        (Ctrl-C) over both: neither requeues, and the log names what the user did."""
         codes = {None: 0.0, "SIGUSR1": 1.0, "SIGTERM": 2.0, "SIGINT": 3.0}
         flag = torch.tensor([codes[self.preempted.signal_name]], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
