@@ -60,8 +60,8 @@ shift
 world_size=$("$PYTHON" -m megamobi.launcher world-size) || exit $?
 # Only its first line ("... is valid for N process(es)"): the ranks print the run's schedule when they start.
 checked=$(WORLD_SIZE=$world_size "$PYTHON" -m megamobi.pretrain --check-only --config "$RUN_CONFIG" "$@") || exit $?
+case $checked in *" is already complete: "*) tail -n 1 <<<"$checked"; exit 0 ;; esac  # a finished run: say so, start no rank
 head -n 1 <<<"$checked"
-case $checked in *" is already complete: "*) exit 0 ;; esac  # a finished run: that line said so; start no rank
 
 in_slurm=""
 if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${MEGAMOBI_LOCAL:-}" ]; then in_slurm=1; fi

@@ -102,12 +102,6 @@ def _main(argv: list[str] | None) -> int:
     except (ConfigError, DataError) as err:
         print(f"megamobi: error: {err}", file=sys.stderr)
         return 2
-    if finished:  # a relaunch of a finished run (a requeue, a re-run script): say so, start no process group
-        import os
-
-        if os.environ.get("RANK", "0") == "0":
-            print(finished, flush=True)
-        return 0
     if args.check_only:
         from megamobi.training.schedule_table import schedule_lines
 
@@ -116,6 +110,14 @@ def _main(argv: list[str] | None) -> int:
             print(line)
         for change in accepted:
             print(f"on resume, accepted and recorded: {change}")
+        if finished:
+            print(finished)  # last: launch/pretrain.sh shows this line alone and starts no rank
+        return 0
+    if finished:  # a relaunch of a finished run (a requeue, a re-run script): say so, start no process group
+        import os
+
+        if os.environ.get("RANK", "0") == "0":
+            print(finished, flush=True)
         return 0
 
     from megamobi.distributed import init_distributed
