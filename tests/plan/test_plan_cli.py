@@ -149,7 +149,7 @@ def test_refusal_reasons_are_whole_words(capsys):
     assert long.startswith(cut[:-4]) and long[len(cut) - 4] == " "  # cut between two words
     assert _reason_kind("short reason; detail") == "short reason"
     _, out, _ = _run(["--config", PAPER_CONFIG, *CLUSTER, "--top", "1"], capsys)
-    reasons = out.split("refused by the Trainer's checks (count, reason):\n")[1].splitlines()
+    reasons = out.split("refused by the Trainer's checks (count, reason):\n")[1].split("\n\n")[0].splitlines()
     assert reasons and all(len(r.split(None, 1)[1]) <= 110 or r.endswith(" ...") for r in reasons), reasons
 
 
