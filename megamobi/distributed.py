@@ -27,9 +27,10 @@ from megamobi.config_io import ConfigError
 
 DEFAULT_RENDEZVOUS_TIMEOUT_S = 600
 RENDEZVOUS_TIMEOUT_ENV = "MEGAMOBI_RENDEZVOUS_TIMEOUT"
-# Collectives (a long checkpoint save on one rank while the others wait at its barrier) keep torch's
-# default; only the rendezvous is bounded by the short timeout.
-COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+# How long a collective may wait for the other ranks (a long checkpoint save on one rank while the
+# others wait at its barrier) before gloo/NCCL gives up: launch.collective_timeout_s. The hang watchdog
+# (launch.hang_timeout_s, shorter) normally reports a stuck job first, naming the rank.
+DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0
 
 
 class RendezvousError(ConfigError):
@@ -74,7 +75,8 @@ def rendezvous_timeout_s(config_value: float | None = None) -> float:
     return value
 
 
-def init_distributed(*, rendezvous_timeout: float | None = None) -> None:
+def init_distributed(*, rendezvous_timeout: float | None = None,
+                     collective_timeout: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> None:
     """Initialise the default process group from the launcher's environment: NCCL on GPUs, gloo on
     CPU. Safe to call twice. Raises RendezvousError when the ranks cannot meet in time."""
     if dist.is_initialized():
@@ -99,15 +101,18 @@ def init_distributed(*, rendezvous_timeout: float | None = None) -> None:
         except UserError as err:
             raise RendezvousError(str(err)) from None
     store = rendezvous(host=os.environ["MASTER_ADDR"], port=int(os.environ["MASTER_PORT"]), rank=rank,
-                       world_size=world_size, timeout_s=rendezvous_timeout_s(rendezvous_timeout))
+                       world_size=world_size, timeout_s=rendezvous_timeout_s(rendezvous_timeout),
+                       collective_timeout_s=collective_timeout)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=collective_timeout))
     deepspeed.init_distributed(dist_backend=backend, verbose=False)  # wraps the group created above
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 
 
-def rendezvous(*, host: str, port: int, rank: int, world_size: int, timeout_s: float) -> dist.TCPStore:
+def rendezvous(*, host: str, port: int, rank: int, world_size: int, timeout_s: float,
+               collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> dist.TCPStore:
     """Every rank meets at rank 0's TCP store within timeout_s; the store then serves the process group."""
     deadline = time.monotonic() + timeout_s
     where = f"{host}:{port} (MASTER_ADDR:MASTER_PORT)"
@@ -133,7 +138,8 @@ def rendezvous(*, host: str, port: int, rank: int, world_size: int, timeout_s: f
         if time.monotonic() > deadline:
             raise RendezvousError(f"only {arrived} of {world_size} ranks reached the rendezvous at {where} {advice}")
         time.sleep(0.02)
-    store.set_timeout(COLLECTIVE_TIMEOUT)  # from now on the store serves the process group's own waits
+    # From now on the store serves the process group's own waits.
+    store.set_timeout(datetime.timedelta(seconds=collective_timeout_s))
     return store
 
 

@@ -4,8 +4,12 @@
     1    a failure (a bug, a crashed rank): read the log above the last line
     2    a user error caught before any work (config, data, launch environment, rendezvous)
     3    training stopped on repeated non-finite losses (train.max_bad_steps)
-    75   stopped early by a signal (SLURM's time-limit warning SIGUSR1, SIGTERM) after a clean
+    75   stopped early by a signal (SLURM's time-limit warning SIGUSR1, SIGTERM, SIGINT) after a clean
          checkpoint save: run the same command again (or let `scontrol requeue` do it) to continue
+    76   hung: no progress for launch.hang_timeout_s (the job requeued itself under SLURM with
+         launch.requeue), or a SIGTERM that could not be honoured within launch.stop_grace_s; stacks
+         and the culprits in RUN_DIR/logs/hang-*/ (docs/reliability.md). Nothing is saved: resume
+         from the newest checkpoint with the same command
     128+N  killed by signal N before it could save (e.g. 137 = SIGKILL): the previous checkpoint
          is intact; an interrupted save is left as checkpoints/.step_*.partial and ignored
 """
@@ -15,3 +19,4 @@ FAILED = 1
 USAGE = 2
 NON_FINITE = 3
 STOPPED_AFTER_SAVE = 75  # sysexits' EX_TEMPFAIL: "try again later", which is what a requeue does
+HUNG = 76  # the hang watchdog stopped the job (megamobi/training/watchdog.py)

@@ -235,7 +235,9 @@ class NodeRanks:
         print(f"megamobi.launcher: local rank {failed} exited with status {_exit_status(self.procs[failed].returncode)}; "
               "stopping this node's other ranks", file=sys.stderr, flush=True)
         for proc in self.procs:
-            if proc.poll() is None:
+            if proc.poll() is None and _is_stopped(proc.pid):
+                proc.kill()  # a stopped rank (SIGSTOP: what a hang report names) can neither save nor exit
+            elif proc.poll() is None:
                 proc.terminate()
         deadline = time.monotonic() + self.FAILED_RANK_GRACE_S
         for proc in self.procs:
@@ -250,6 +252,15 @@ def _ignore_usr1() -> None:
     """In each rank before exec: SIGUSR1's default action is to exit, and SLURM's warning may come while
     a rank is still starting; megamobi.pretrain installs its own handler (save and stop) once it can."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def _is_stopped(pid: int) -> bool:
+    """True when the process is stopped (state T in /proc; Linux only, False elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stream:
+            return stream.read().rpartition(")")[2].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
 
 
 def _exit_status(returncode: int) -> int:

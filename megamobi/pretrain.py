@@ -98,6 +98,10 @@ def _main(argv: list[str] | None) -> int:
         from megamobi.training.schedule_checks import check_resume_schedule
 
         accepted += check_resume_schedule(run)  # a wsd decay may move before it begins
+        from megamobi.training.faults import check_faults_for_run, faults_from_env
+
+        # MEGAMOBI_FAULTS (tests and drills): a bad string fails here, naming the wrong part.
+        check_faults_for_run(faults_from_env(), world_size=world_size, total_steps=run.total_steps)
         finished = already_complete(run)
     except (ConfigError, DataError) as err:
         print(f"megamobi: error: {err}", file=sys.stderr)
@@ -126,7 +130,8 @@ def _main(argv: list[str] | None) -> int:
 
     quiet_known_noise()
     try:
-        init_distributed(rendezvous_timeout=run.launch.rendezvous_timeout_s)  # RendezvousError: exit 2
+        init_distributed(rendezvous_timeout=run.launch.rendezvous_timeout_s,  # RendezvousError: exit 2
+                         collective_timeout=run.launch.collective_timeout_s)
         trainer = Trainer(run, data=data)
         trainer.train()
         ignore_late_signals()  # the work is saved: a late SIGTERM must not make the exit look like a kill
@@ -136,6 +141,17 @@ def _main(argv: list[str] | None) -> int:
     except NonFiniteLossError as err:
         print(f"megamobi: error: {err}", file=sys.stderr)
         return 3
+    except RuntimeError as err:
+        if "timed out" not in str(err).lower() and "timeout" not in str(err).lower():
+            raise
+        # gloo / NCCL gave up on a collective (launch.collective_timeout_s) before the watchdog did.
+        from megamobi.exit_codes import HUNG
+
+        print(f"megamobi: error: a collective did not complete within launch.collective_timeout_s "
+              f"({run.launch.collective_timeout_s:g} s): another rank stopped or is unreachable "
+              f"({str(err).splitlines()[0][:200]}); resume with the same command (exit status {HUNG})",
+              file=sys.stderr)
+        return HUNG
     if trainer.stopped_by:  # a signal (SLURM's time-limit warning, scancel) stopped it after a clean save
         from megamobi.training.early_stop import finish_early_stop
         from megamobi.training.launch_config import requeue_enabled

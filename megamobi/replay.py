@@ -123,8 +123,9 @@ def _print_sequence(seq, *, text: str | None, as_json: bool) -> None:
             record["text"] = text
         print(json.dumps(record))
         return
+    skipped = "  SKIPPED (not trained on)" if seq.skipped else ""
     print(f"step {seq.step:>7}  stage {seq.stage:>2}  rank {seq.rank:>3}  mb {seq.micro_batch:>3}  sample {seq.sample_index:>10}  "
-          f"{seq.shard}:{seq.row}  offset {seq.offset:>4}  {seq.source}")
+          f"{seq.shard}:{seq.row}  offset {seq.offset:>4}  {seq.source}{skipped}")
     if text is not None:
         print("    " + repr(text))
 
@@ -159,8 +160,9 @@ def _find(replay, args) -> None:
     elif not answer["consumed"]:
         print(f"  not consumed in steps 1..{replay.last_step}")
     for hit in answer["consumed"]:
+        skipped = "  SKIPPED (not trained on)" if hit["skipped"] else ""
         print(f"  step {hit['step']:>7}  stage {hit['stage']:>2}  rank {hit['rank']:>3}  mb {hit['micro_batch']:>3}  "
-              f"offset {hit['offset']:>4}")
+              f"offset {hit['offset']:>4}{skipped}")
 
 
 def _mix_rows(entry: dict) -> None:

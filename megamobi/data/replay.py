@@ -58,6 +58,9 @@ class Segment:
     stage: int = 0
     stage_name: str | None = None
     stage_start_samples: int = 0
+    # Steps whose update was refused (bad data judged by a re-run, or a non-finite / spiking step that
+    # was skipped): their samples were consumed but never trained on (docs/reliability.md).
+    skipped_steps: list[int] = dataclasses.field(default_factory=list)
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Segment:
@@ -80,7 +83,7 @@ class Segment:
     def continues(self, other: Segment) -> bool:
         """True when `other` (the next segment) trains on under the very same settings: one segment."""
         same = {f.name for f in dataclasses.fields(self)} - {"first_step", "last_step", "consumed_samples_before",
-                                                             "data_changed"}
+                                                             "data_changed", "skipped_steps"}
         return (not other.data_changed and other.first_step == self.last_step + 1
                 and other.position(other.first_step) == self.end_position
                 and all(getattr(self, n) == getattr(other, n) for n in same))
@@ -90,7 +93,8 @@ def merge_segments(segments: list[Segment]) -> list[Segment]:
     merged: list[Segment] = []
     for segment in segments:
         if merged and merged[-1].continues(segment):
-            merged[-1] = dataclasses.replace(merged[-1], last_step=segment.last_step)
+            merged[-1] = dataclasses.replace(merged[-1], last_step=segment.last_step,
+                                             skipped_steps=[*merged[-1].skipped_steps, *segment.skipped_steps])
         else:
             merged.append(segment)
     return merged
@@ -99,7 +103,8 @@ def merge_segments(segments: list[Segment]) -> list[Segment]:
 def truncate_segments(segments: list[Segment], *, last_step: int) -> list[Segment]:
     kept = [s for s in segments if s.first_step <= last_step]
     if kept and kept[-1].last_step > last_step:
-        kept[-1] = dataclasses.replace(kept[-1], last_step=last_step)
+        kept[-1] = dataclasses.replace(kept[-1], last_step=last_step,
+                                       skipped_steps=[k for k in kept[-1].skipped_steps if k <= last_step])
     return kept
 
 
@@ -285,6 +290,7 @@ class Sequence:
     offset: int
     source: str
     tokens: list[int]
+    skipped: bool = False  # the step's update was refused: consumed, never trained on
 
     def record(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -357,7 +363,7 @@ class RunReplay:
                         tokens = order.base[base][offset:offset + segment.seq_len + 1]
                         yield Sequence(step=step, stage=segment.stage + 1, rank=r, micro_batch=i // mb, sample_index=base,
                                        shard=str(shard), row=row, offset=offset, source=order.base.sources[int(order.sources_of([base])[0])],
-                                       tokens=[int(t) for t in tokens])
+                                       tokens=[int(t) for t in tokens], skipped=step in segment.skipped_steps)
 
     def find(self, location: str) -> dict[str, Any]:
         """Where one sample's windows were consumed: {"sample_index", "shard", "row", "source",
@@ -381,8 +387,10 @@ class RunReplay:
             for position, offset in hits:
                 step_index, within = divmod(position - first, segment.global_batch_size)
                 r, in_rank = divmod(within, segment.global_batch_size // segment.data_parallel_size)
-                answer["consumed"].append({"step": segment.first_step + step_index, "stage": segment.stage + 1, "rank": r,
-                                           "micro_batch": in_rank // segment.micro_batch_size, "offset": offset})
+                step = segment.first_step + step_index
+                answer["consumed"].append({"step": step, "stage": segment.stage + 1, "rank": r,
+                                           "micro_batch": in_rank // segment.micro_batch_size, "offset": offset,
+                                           "skipped": step in segment.skipped_steps})
         if answer is None:
             paths = sorted({p for segment in self.segments for p in segment.data["paths"]})
             raise ReplayError(f"--find {location}: not a shard directory or .bin file of this run's data {paths}")
@@ -390,16 +398,16 @@ class RunReplay:
         return answer
 
     def _segment_tokens(self, segment: Segment, lo: int, hi: int, *, chunk: int) -> dict[str, int]:
-        """Tokens per source consumed by steps lo..hi of one segment."""
+        """Tokens per source trained on by steps lo..hi of one segment (its skipped steps left out)."""
         order = self.order(segment)
         tokens: dict[str, int] = {}
-        start, stop = segment.position(lo), segment.position(hi + 1)
-        for begin in range(start, stop, chunk):
-            bases, _ = order.windows_at(np.arange(begin, min(begin + chunk, stop), dtype=np.int64))
-            counts = np.bincount(order.sources_of(bases), minlength=len(order.base.sources))
-            for name, count in zip(order.base.sources, counts.tolist()):
-                if count:
-                    tokens[name] = tokens.get(name, 0) + count * segment.seq_len
+        for start, stop in _trained_ranges(segment, lo, hi):
+            for begin in range(start, stop, chunk):
+                bases, _ = order.windows_at(np.arange(begin, min(begin + chunk, stop), dtype=np.int64))
+                counts = np.bincount(order.sources_of(bases), minlength=len(order.base.sources))
+                for name, count in zip(order.base.sources, counts.tolist()):
+                    if count:
+                        tokens[name] = tokens.get(name, 0) + count * segment.seq_len
         return tokens
 
     def _configured(self, segment: Segment) -> dict[str, float]:
@@ -410,10 +418,10 @@ class RunReplay:
         return {n: w / total_weight for n, w in weights.items()}
 
     def mix(self, first: int, last: int, *, chunk: int = 1 << 20) -> dict[str, Any]:
-        """Tokens consumed per source over steps first..last (seq_len per sequence, as consumed_tokens
-        counts them), per data stage and in total, beside what was configured: each stage's blend (or
-        natural mix) as of its last segment in the range; in total, the stages' configured mixes
-        weighted by the tokens each stage consumed in the range."""
+        """Tokens trained on per source over steps first..last (seq_len per sequence, as consumed_tokens
+        counts them; skipped steps' samples are not counted), per data stage and in total, beside what
+        was configured: each stage's blend (or natural mix) as of its last segment in the range; in
+        total, the stages' configured mixes weighted by the tokens each stage consumed in the range."""
         self.check_steps(first, last)
         stages: list[dict[str, Any]] = []
         for segment, lo, hi in self._overlapping(first, last):
@@ -446,6 +454,18 @@ def _mix_table(tokens: dict[str, int], configured: dict[str, float]) -> dict[str
     names = list(dict.fromkeys([*tokens, *configured]))
     return {"tokens": total, "sources": {n: {"tokens": tokens.get(n, 0), "share": tokens.get(n, 0) / total if total else 0.0,
                                              "configured": configured.get(n, 0.0)} for n in names}}
+
+
+def _trained_ranges(segment: Segment, first: int, last: int) -> list[tuple[int, int]]:
+    """Position ranges of steps first..last of a segment, without its skipped steps."""
+    ranges, start = [], first
+    for skipped in sorted(k for k in set(segment.skipped_steps) if first <= k <= last):
+        if skipped > start:
+            ranges.append((segment.position(start), segment.position(skipped)))
+        start = skipped + 1
+    if start <= last:
+        ranges.append((segment.position(start), segment.position(last + 1)))
+    return ranges
 
 
 def check_data_unchanged(segment: Segment, *, where: str, launch_dir: str | None = None) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,9 @@ class TrainerState:
     loss: float | None = None
     wandb_run_id: str | None = None
     adam_step: int = 0  # AdamW's own step count (skipped steps do not advance it)
+    # The losses of the last train.divergence.window applied steps: the spike detector's median, so that
+    # a resume or rewind judges the next steps exactly as an uninterrupted run would.
+    recent_losses: list[float] = field(default_factory=list)
 
 
 def checkpoint_name(step: int) -> str:

@@ -90,6 +90,11 @@ class DataProvenance:
         self.current: StagePosition | None = None
         self._checksums = manifest_checksums(all_paths(run.data_stages))
 
+    def record_skip(self, step: int) -> None:
+        """Step `step` consumed its samples without training on them (its update was refused)."""
+        if self.own:
+            self.own[-1] = dataclasses.replace(self.own[-1], skipped_steps=sorted({*self.own[-1].skipped_steps, step}))
+
     def next_step(self, *, step: int, consumed_samples: int, consumed_tokens: int) -> StagePosition:
         """The stage and position of step `step` (1-based), about to train; a stage's first step opens a segment."""
         self.current = where = self.cursor.step(step=step, consumed_samples=consumed_samples,
@@ -110,7 +115,8 @@ class DataProvenance:
     def manifest_info(self, *, step: int, consumed_tokens: int, end_tokens: int) -> dict[str, Any]:
         """The `data_provenance` and `data_stage` entries of a checkpoint saved after `step`; `end_tokens`
         is where the run ends (the last stage's planned end)."""
-        own = self.own[:-1] + [dataclasses.replace(self.own[-1], last_step=step)] if self.own else []
+        own = self.own[:-1] + [dataclasses.replace(self.own[-1], last_step=step, skipped_steps=[
+            k for k in self.own[-1].skipped_steps if k <= step])] if self.own else []
         segments = merge_segments([s for s in [*self.prior, *own] if s.last_step >= s.first_step])
         info: dict[str, Any] = {PROVENANCE_KEY: [s.to_record() for s in segments]}
         if self.current is not None:

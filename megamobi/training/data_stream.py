@@ -80,8 +80,9 @@ class RunData:
         return manifest_checksums(all_paths(self.run.data_stages))
 
     def step_batches(self, where: StagePosition, *, dp_rank: int, dp_size: int) -> Iterator[dict]:
-        """This data-parallel rank's micro-batches of one step: the step's slice of its stage's order.
-        From now on validation evaluates that stage's split."""
+        """This data-parallel rank's micro-batches of one step: the step's slice of its stage's order; each
+        also names its training windows (`windows`: what a skipped step did not train on). From now on
+        validation evaluates that stage's split."""
         self.current = part = self.stages[where.stage.index]
         sampler = GlobalBatchSampler(num_samples=len(part.train), global_batch_size=self.run.batch.global_batch_size,
                                      micro_batch_size=self.run.batch.micro_batch_size, dp_rank=dp_rank,
@@ -94,7 +95,7 @@ class RunData:
                 check_batch_ids(samples, vocab_size=self.vocab_size, where=f"training windows {indices}")
                 if record is not None:
                     record(micro_batch, indices, samples)
-                yield collate(samples)
+                yield {**collate(samples), "windows": list(indices)}
 
         return micro_batches()
 
@@ -110,6 +111,21 @@ class RunData:
             step += 1
             where = cursor.step(step=step, consumed_samples=(step - 1) * gb, consumed_tokens=(step - 1) * gb * seq_len)
             yield from self.step_batches(where, dp_rank=dp_rank, dp_size=dp_size)
+
+    def window_origins(self, stage: int, windows: list[int]) -> list[dict]:
+        """Where training windows of data stage `stage` come from: shard file, row, token offset."""
+        from megamobi.training.batch_record import _base_index
+
+        view = self.stages[stage].train
+        dataset = view.dataset
+        while hasattr(dataset, "base"):
+            dataset = dataset.base  # the ShardedDataset under the split / blend views
+        origins = []
+        for window in windows:
+            sample, part = divmod(int(window), view.per_sample)
+            shard, row = dataset.locate(_base_index(view.dataset, sample))
+            origins.append({"shard": str(dataset.bin_paths[shard]), "row": int(row), "offset": part * view.seq_len})
+        return origins
 
     def val_batches(self, *, dp_rank: int, dp_size: int) -> Iterator[dict]:
         if self.val is None:

@@ -35,7 +35,7 @@ def ignore_late_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def requeue_job(job_id: str) -> str:
+def requeue_job(job_id: str, *, resumes_from: str = "this checkpoint") -> str:
     """`scontrol requeue JOB`: SLURM ends this allocation and queues the same job again."""
     try:
         done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
@@ -45,7 +45,7 @@ def requeue_job(job_id: str) -> str:
         why = (done.stderr or done.stdout).strip().splitlines()
         return (f"`scontrol requeue {job_id}` failed ({why[-1] if why else f'status {done.returncode}'}): "
                 "resubmit the same command to continue")
-    return f"requeued SLURM job {job_id} (scontrol requeue): it resumes from this checkpoint when it starts again"
+    return f"requeued SLURM job {job_id} (scontrol requeue): it resumes from {resumes_from} when it starts again"
 
 
 def finish_early_stop(*, signal_name: str, step: int, checkpoint: Path | None, requeue: bool, is_rank0: bool) -> int:

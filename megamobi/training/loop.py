@@ -12,6 +12,8 @@ import dataclasses
 import json
 import math
 import signal
+import socket
+import sys
 import time
 from pathlib import Path
 
@@ -41,28 +43,32 @@ from megamobi.training.checkpoint import (
 )
 from megamobi.training.data_provenance import DataProvenance
 from megamobi.training.data_stream import RunData
+from megamobi.training.divergence import NonFiniteLossError, StepGuard
 from megamobi.training.ds_config import build_ds_config
+from megamobi.training.faults import FaultInjector, faults_from_env, warning_line
 from megamobi.training.metrics import MetricsLogger, memory_gb
 from megamobi.training.optimizer import build_optimizer
 from megamobi.training.portable_state import adam_step, load_portable_optimizer_state, write_portable_state
 from megamobi.training.preflight import check_trainer_start
+from megamobi.training.recovery import Recovery
 from megamobi.training.run_config import RunConfig
 from megamobi.training.schedule import LrSchedule
 from megamobi.training.schedule_checks import ScheduleRecord
 from megamobi.training.schedule_table import schedule_lines
+from megamobi.training.stragglers import StepTimes
+from megamobi.training.watchdog import Heartbeat
 from megamobi.version import code_version
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 class PreemptionFlag:
     """Set by SIGUSR1 (SLURM's `--signal=USR1@600` warning), SIGTERM or SIGINT (Ctrl-C, which
-    megamobi.launcher passes on as it is); checked once per step. A second SIGINT interrupts at once."""
+    megamobi.launcher passes on as it is); checked once per step. A SIGTERM or SIGINT also starts the
+    heartbeat's stop grace (launch.stop_grace_s): a hung job ends instead of waiting. A second SIGINT
+    interrupts at once."""
 
-    def __init__(self):
+    def __init__(self, heartbeat: Heartbeat | None = None):
         self.signal_name: str | None = None
+        self.heartbeat = heartbeat
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
@@ -70,6 +76,8 @@ class PreemptionFlag:
         if signum == signal.SIGINT and self.signal_name == "SIGINT":
             raise KeyboardInterrupt  # Ctrl-C twice: stop without saving
         self.signal_name = signal.Signals(signum).name
+        if signum in (signal.SIGTERM, signal.SIGINT) and self.heartbeat is not None and self.heartbeat.sigterm_at is None:
+            self.heartbeat.sigterm_at = time.monotonic()
 
 
 def checkpoint_due(*, consumed_tokens_before: int, consumed_tokens_after: int, interval_tokens: int) -> bool:
@@ -90,7 +98,10 @@ class Trainer:
         self.run_dir = Path(run.run_dir)
         self.rank = dist.get_rank()
         self.total_steps = run.total_steps
-        self.preempted = PreemptionFlag()
+        self.heartbeat = Heartbeat()  # where this rank is, for the hang watchdog
+        self.preempted = PreemptionFlag(self.heartbeat)
+        self.faults = FaultInjector(faults_from_env(), rank=self.rank)  # MEGAMOBI_FAULTS (tests and drills)
+        self.guard = StepGuard()  # the step's loss and spike limit, for FiniteStepAdamW
         self.stopped_by: str | None = None  # the signal that stopped the run early (after a save)
         self.last_checkpoint: Path | None = None
 
@@ -119,6 +130,7 @@ class Trainer:
         self.kernels = apply_run_kernels(built, run)  # flash-attn / liger / chunked loss / compile; logged in train()
         self.is_pipeline = built.is_pipeline
         self._zero_loss = False
+        self._windows: list[int] | None = None  # the training windows of the micro-batch in progress
         self.loss_fn = self._guarded_loss(built.loss_fn)
         ds_config = build_ds_config(run, world_size=world_size)
         for key, value in built.ds_config_overrides.items():
@@ -126,6 +138,7 @@ class Trainer:
         if self.is_pipeline:
             built.module.loss_fn = self.loss_fn
         self.optimizer = build_optimizer(built.module, run.optimizer)
+        self.optimizer.guard = self.guard
         self.engine, _, _, _ = deepspeed.initialize(
             model=built.module, optimizer=self.optimizer, config=ds_config,
             mpu=None if self.is_pipeline else self.groups)
@@ -147,6 +160,10 @@ class Trainer:
         self.data_provenance.log_changes(self.logger)
         self.schedule_record.log_changes(self.logger)
         self.flops_per_token = flops_per_token(self.model_config, seq_len=run.batch.seq_len)
+        self.hosts = _gather_hosts()
+        self.recovery = Recovery(self)  # divergence and replica-mismatch handling: rewind, re-run, verdicts
+        if self.faults and self.rank == 0:
+            print(f"[megamobi] {warning_line(self.faults.faults)}", file=sys.stderr, flush=True)
 
     def _layout_record(self) -> dict[str, int]:
         return {"tensor": self.layout.tensor, "pipeline": self.layout.pipeline, "data": self.layout.data,
@@ -154,16 +171,17 @@ class Trainer:
 
     # --- loss hooks -------------------------------------------------------------------------
     def _guarded_loss(self, loss_fn):
-        """The model's loss, times 0 while priming a resharded optimizer, and NaN at the steps a test
-        asked for (train.inject_nan_at_steps) to exercise the non-finite guard."""
-        poisoned = set(self.run.train.inject_nan_at_steps)
+        """The model's loss, times 0 while priming a resharded optimizer; on training steps, as the
+        injected faults make it (MEGAMOBI_FAULTS) and added to the step's guard (its spike check)."""
 
         def loss(logits, labels):
             value = loss_fn(logits, labels)
             if self._zero_loss:
                 return value * 0.0
-            # Only training steps are poisoned, never validation (which runs without grad).
-            return value * float("nan") if self.state.step in poisoned and torch.is_grad_enabled() else value
+            if torch.is_grad_enabled():  # training steps only, never validation (which runs without grad)
+                value = self.faults.loss(value, step=self.heartbeat.step, windows=self._windows)
+                self.guard.add_loss(value)
+            return value
 
         return loss
 
@@ -217,6 +235,7 @@ class Trainer:
     def _train_step(self, batches) -> torch.Tensor:
         """The mean loss over the global batch, the same value on every rank."""
         self.optimizer.last_step_skipped = False  # DeepSpeed may skip a bad step before our guard runs
+        self.optimizer.refusal = None
         if self.is_pipeline:
             pairs = ((b["input_ids"], b["labels"]) for b in batches)
             loss = self.engine.train_batch(data_iter=pairs)
@@ -227,15 +246,30 @@ class Trainer:
             batch = next(batches)
             logits = self.engine(batch["input_ids"].to(self.engine.device))
             loss = self.loss_fn(logits, batch["labels"].to(self.engine.device))
+            self.heartbeat.beat("backward")
             self.engine.backward(loss)
+            self.heartbeat.beat("optimizer")
             self.engine.step()
             total += loss.detach().float()
         total /= self.engine.gradient_accumulation_steps()
         dist.all_reduce(total, group=self.groups.data_group)
         return total / self.layout.data
 
+    def _watched(self, batches):
+        """This rank's micro-batches of one step, with the heartbeat's data phase, the data-wait time
+        (stragglers) and the windows the step trains on (skipped samples, poisoned data)."""
+        started = time.perf_counter()
+        for following, batch in enumerate(batches, start=1):
+            self.step_times.add_data_wait(time.perf_counter() - started)
+            windows = batch.pop("windows")
+            self._windows = [(self.step_stage, w) for w in windows]
+            self.step_windows.append(windows)
+            yield batch
+            self.heartbeat.beat("data", micro_batch=following)
+            started = time.perf_counter()
+
     def train(self) -> TrainerState:
-        run, state = self.run, self.state
+        run = self.run
         seq_len, gb = run.batch.seq_len, run.batch.global_batch_size
         self.logger.info(f"{self.model_config.name}: layout T={self.layout.tensor} P={self.layout.pipeline} "
                          f"D={self.layout.data}, ZeRO-{run.parallel.zero_stage}, {run.precision}, "
@@ -243,55 +277,90 @@ class Trainer:
         self.logger.info(self.kernels.describe())
         for line in schedule_lines(run):  # stages and lr: where each begins and ends (until_tokens rounded)
             self.logger.info(line)
-        bad_in_a_row, window_start, window_steps = 0, time.perf_counter(), 0
-        while state.step < self.total_steps:
+        self.step_times = StepTimes(self.engine.module)  # forward and data-wait time, for stragglers
+        self.step_windows: list[list[int]] = []  # this rank's micro-batches of the step in progress
+        watchdog = self.recovery.start_watchdog()
+        try:
+            self._train_loop()
+        finally:
+            watchdog.stop()
+        self.logger.info(f"pictures of this run: python -m megamobi.plot {self.run_dir}  (docs/eval.md)")
+        self.logger.close()
+        return self.state
+
+    def _train_loop(self) -> None:
+        run = self.run
+        seq_len, gb = run.batch.seq_len, run.batch.global_batch_size
+        bad_in_a_row, self.window_start, self.window_steps = 0, time.perf_counter(), 0
+        while self.state.step < self.total_steps:
+            state = self.state
+            step = state.step + 1
             lr = self.lr_schedule(state.step)
             self._set_lr(lr)
-            where = self.data_provenance.next_step(step=state.step + 1, consumed_samples=state.consumed_samples,
+            self.heartbeat.beat("data", step=step, micro_batch=0)
+            self.faults.before_step(step)  # MEGAMOBI_FAULTS hang / kill
+            where = self.data_provenance.next_step(step=step, consumed_samples=state.consumed_samples,
                                                    consumed_tokens=state.consumed_tokens)
             self.data_provenance.announce(where, logger=self.logger, windows=len(self.data.stages[where.stage.index].train))
+            self.guard.reset(limit=self.recovery.spike_limit(), forced=self.recovery.forced_refusal(step))
+            self.step_stage = where.stage.index
+            self.step_windows.clear()
             batches = self.data.step_batches(where, dp_rank=self.groups.data_rank, dp_size=self.layout.data)
-            loss = self._train_step(batches).item()
+            loss = self._train_step(self._watched(batches)).item()
+            self.recovery.after_first_run(step)  # MEGAMOBI_FAULTS poison: every rank learns the bad samples
             grad_norm = self.engine.get_global_grad_norm()
             grad_norm = None if grad_norm is None else float(grad_norm)
-            skipped = self.optimizer.last_step_skipped or not math.isfinite(loss) or (
-                grad_norm is not None and not math.isfinite(grad_norm))
+            refusal = self.optimizer.refusal
+            if refusal is None and not math.isfinite(loss):
+                refusal = "non-finite loss"
+            elif refusal is None and grad_norm is not None and not math.isfinite(grad_norm):
+                refusal = "non-finite gradient"  # DeepSpeed skipped the step before our guard ran
+            skipped = refusal is not None
+            self.faults.flip_after_update(step, self.recovery.flip_one_bit)
             tokens_before = state.consumed_tokens
             state.step += 1
             state.consumed_samples += gb
             state.consumed_tokens += gb * seq_len
-            window_steps += 1
+            self.window_steps += 1
             if skipped:
+                if self.recovery.on_bad_step(step, loss=loss, grad_norm=grad_norm, refusal=refusal) == "rewound":
+                    continue
                 state.skipped_steps += 1
-                bad_in_a_row += 1
-                self.logger.info(f"step {state.step}: non-finite loss {loss} / grad norm {grad_norm}: "
-                                 f"update skipped ({bad_in_a_row} in a row)")
-                if bad_in_a_row >= run.train.max_bad_steps:
-                    raise NonFiniteLossError(
-                        f"{bad_in_a_row} steps in a row had a non-finite loss or gradient norm (last at step {state.step}). "
-                        f"Lower optimizer.lr, check the data, or resume from the last checkpoint in {self.run_dir}.")
+                self.data_provenance.record_skip(step)
+                if self.recovery.counts_toward_max_bad_steps(step):
+                    bad_in_a_row += 1
+                    self.logger.info(f"step {state.step}: {refusal} (loss {loss}, grad norm {grad_norm}): update "
+                                     f"skipped ({bad_in_a_row} in a row)")
+                    if bad_in_a_row >= run.train.max_bad_steps:
+                        raise NonFiniteLossError(
+                            f"{bad_in_a_row} steps in a row had a non-finite loss or gradient norm, or a loss spike "
+                            f"(last at step {state.step}: {refusal}). Lower optimizer.lr, check the data, or resume from "
+                            f"the last checkpoint in {self.run_dir}.")
             else:
                 bad_in_a_row = 0
                 state.loss = loss
+                self.recovery.on_good_step(step, loss=loss)
             if state.step % run.train.log_interval == 0 or state.step == self.total_steps or skipped:
-                elapsed = time.perf_counter() - window_start
-                self._log_step(loss=loss, lr=lr, grad_norm=grad_norm, step_time=elapsed / window_steps)
-                window_start, window_steps = time.perf_counter(), 0
+                elapsed = time.perf_counter() - self.window_start
+                self._log_step(loss=loss, lr=lr, grad_norm=grad_norm, step_time=elapsed / self.window_steps)
+                self.window_start, self.window_steps = time.perf_counter(), 0
             if run.train.eval_interval and state.step % run.train.eval_interval == 0:
+                self.heartbeat.beat("validation")
                 self.validate()
             stop_signal = self._agreed_preemption()
             due = checkpoint_due(consumed_tokens_before=tokens_before, consumed_tokens_after=state.consumed_tokens,
                                  interval_tokens=run.checkpoint.interval_tokens)
-            if due or stop_signal or (state.step == self.total_steps and run.checkpoint.save_final):
+            save = due or stop_signal or (state.step == self.total_steps and run.checkpoint.save_final)
+            if self.recovery.check_replicas(step, before_save=bool(save)) == "rewound":
+                continue  # a checkpoint is written only after the replicas agree
+            if save:
+                self.heartbeat.beat("save")
                 self.save()
             if stop_signal:
                 self.stopped_by = stop_signal
                 self.logger.info(f"{stop_signal} received: saved a checkpoint at step {state.step}; "
                                  "re-run the same command to continue")
                 break
-        self.logger.info(f"pictures of this run: python -m megamobi.plot {self.run_dir}  (docs/eval.md)")
-        self.logger.close()
-        return state
 
     def _agreed_preemption(self) -> str | None:
         """All ranks stop together if any rank was signalled (SLURM may signal only some). SIGTERM (a
@@ -310,7 +379,7 @@ class Trainer:
         memory = memory_gb()  # this rank's peak; the largest of all ranks too (pipeline stages differ)
         largest = torch.tensor([memory], device=self.device)
         dist.all_reduce(largest, op=dist.ReduceOp.MAX)
-        self.logger.log({
+        record = {
             "step": self.state.step, "consumed_samples": self.state.consumed_samples,
             "consumed_tokens": self.state.consumed_tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_s * dist.get_world_size(), "tokens_per_s_per_device": tokens_per_s,
@@ -318,7 +387,11 @@ class Trainer:
             "mfu": tflops / peak if (on_gpu and peak) else None,
             "step_time_s": step_time, "memory_gb": memory, "memory_gb_max": largest.item(),
             "skipped_steps": self.state.skipped_steps,
-        })
+        }
+        stragglers = self.recovery.stragglers(steps=max(self.window_steps, 1))
+        if stragglers:
+            record["stragglers"] = stragglers
+        self.logger.log(record)
 
     @torch.no_grad()
     def validate(self) -> float | None:
@@ -354,8 +427,9 @@ class Trainer:
         self.state.adam_step = adam_step(self.optimizer)
         path = save_checkpoint(
             run_dir=self.run_dir, engine=self.engine, state=self.state, model_config=self.model_config,
-            write_portable_state=lambda directory: write_portable_state(
+            write_portable_state=lambda directory: (write_portable_state(
                 engine=self.engine, groups=self.groups, optimizer=self.optimizer, checkpoint_dir=directory),
+                self.faults.during_save(self.state.step)),  # MEGAMOBI_FAULTS kill:...:during=save
             keep_last=self.run.checkpoint.keep_last, protect=(self.resumed_from,),
             manifest_info={
                 "step": self.state.step, "consumed_samples": self.state.consumed_samples,
@@ -371,7 +445,15 @@ class Trainer:
             })
         self.logger.info(f"saved checkpoint {path}")
         self.last_checkpoint = path
+        self.recovery.saved(self.state.step)
         return path
+
+
+def _gather_hosts() -> list[str]:
+    """Every rank's host name, by rank (collective; once per launch): how events name ranks."""
+    hosts: list[str] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(hosts, socket.gethostname())
+    return hosts
 
 
 def _truncate_metrics(path: Path, *, after_step: int) -> None:

@@ -19,29 +19,44 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 class FiniteStepAdamW(torch.optim.AdamW):
-    """AdamW that skips the whole update, on every rank, when any rank holds a non-finite gradient.
+    """AdamW that skips the whole update, on every rank, when the step is bad: any rank holds a
+    non-finite gradient, or the step's loss (from `guard`, megamobi/training/divergence.py) is not
+    finite or is a spike, or the guard says the step was judged bad data before.
 
     DeepSpeed already skips non-finite steps in some modes (fp16, ZeRO 1-2 in fp32) but not in
     others (ZeRO-0, bf16 without check_grad_overflow); checking here, where every mode ends up,
-    makes the rule the same everywhere. The check is one all-reduce of a single flag per step.
+    makes the rule the same everywhere. The check is one all-reduce of three numbers per step (the
+    non-finite flag, the loss sum and count), before the update is applied.
     """
 
     def __init__(self, params, *, group: dist.ProcessGroup | None = None, **kwargs):
         super().__init__(params, **kwargs)
         self.group = group
         self.last_step_skipped = False
+        self.refusal: str | None = None  # why the last update was refused
+        self.guard = None  # a StepGuard, set by the trainer
 
     @torch.no_grad()
     def step(self, closure=None):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         # ZeRO-3 calls step() once per parameter sub-group, sometimes with an empty group.
         device = grads[0].device if grads else ("cuda" if torch.cuda.is_available() else "cpu")
-        bad = torch.zeros(1, device=device)
+        bad = torch.zeros((), device=device)
         if grads:  # one flag for all tensors: a single host sync per step, not one per tensor
-            bad = (~torch.stack([torch.isfinite(g).all() for g in grads]).all()).float().reshape(1)
+            bad = (~torch.stack([torch.isfinite(g).all() for g in grads]).all()).float()
+        guard = self.guard
+        loss_sum = guard.loss_sum if guard is not None else 0.0
+        stats = torch.stack([bad, torch.as_tensor(loss_sum, dtype=torch.float32, device=device).reshape(()),
+                             torch.tensor(float(guard.loss_count if guard is not None else 0), device=device)])
         if dist.is_initialized():
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.group)
-        self.last_step_skipped = bool(bad.item())
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=self.group)
+        flag, total, count = stats.tolist()
+        loss = total / count if count else None
+        if guard is not None:
+            self.refusal = guard.refusal(bad_gradient=flag > 0, loss=loss)
+        else:
+            self.refusal = "non-finite gradient" if flag > 0 else None
+        self.last_step_skipped = self.refusal is not None
         if self.last_step_skipped:
             return None
         return super().step(closure)

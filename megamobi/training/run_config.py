@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from megamobi.config_io import ConfigError, apply_overrides, from_dict, read_yaml
 from megamobi.model_config import ModelConfig, load_model_config, resolve_model_config_path
+from megamobi.training.divergence import DivergenceConfig
 from megamobi.training.launch_config import LaunchConfig
 
 SAMPLE_TOKENS = 2049  # every shard sample: 2048 inputs + 1 shifted label (Amber's windows)
@@ -87,9 +88,11 @@ class TrainConfig:
     log_interval: int = 10
     eval_interval: int = 0  # 0: no validation
     eval_samples: int = 64
-    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
-    # Test hook: make the loss NaN at these steps, to exercise the non-finite-step guard.
-    inject_nan_at_steps: list[int] = dataclasses.field(default_factory=list)
+    max_bad_steps: int = 5  # consecutive skipped bad steps before the run stops (divergence.action: skip)
+    # What a non-finite or spiking loss does: skip the update, stop, or rewind and re-run (docs/reliability.md).
+    divergence: DivergenceConfig = dataclasses.field(default_factory=DivergenceConfig)
+    straggler_ratio: float = 1.3  # a rank slower than this x the median of its peers is named every log_interval
+    consistency_check_interval: int = 1000  # steps between replica checksum checks (and before every save); 0: off
     # Kernels (megamobi/kernels, docs/performance.md): auto = flash-attn / liger-kernel / chunked
     # cross entropy where each applies; plain = the model exactly as megamobi/model.py writes it.
     kernels: str = "auto"
@@ -211,6 +214,13 @@ class RunConfig:
                               "for the weights, the optimizer state sharded)")
         if t.log_interval <= 0 or t.max_bad_steps <= 0:
             raise ConfigError("train.log_interval and train.max_bad_steps must be positive")
+        t.divergence.validate()
+        if not 1 < t.straggler_ratio < float("inf"):
+            raise ConfigError(f"train.straggler_ratio {t.straggler_ratio} must be a number above 1 (a rank this many "
+                              "times slower than the median of its peers is named)")
+        if t.consistency_check_interval < 0:
+            raise ConfigError(f"train.consistency_check_interval {t.consistency_check_interval} must be 0 (off) or a "
+                              "positive number of steps")
         self.launch.validate()
         from megamobi.kernels.plan import validate_kernel_options
 

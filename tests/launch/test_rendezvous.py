@@ -108,3 +108,40 @@ def test_bad_launch_switches_stop_the_check(tmp_path, token_shards, variable, va
                          env={**os.environ, variable: value}, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert f"{variable}={value!r}" in out.stderr
+
+
+def _collective_with_an_absent_peer(rank: int, port: int, results) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from megamobi.distributed import init_distributed
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    init_distributed(collective_timeout=2.0)
+    if rank == 1:
+        time.sleep(8)  # never joins the all-reduce below
+        os._exit(0)
+    start = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(1))
+        results.put(("returned", time.monotonic() - start))
+    except RuntimeError as err:
+        results.put((str(err).splitlines()[0], time.monotonic() - start))
+    os._exit(0)
+
+
+def test_the_collective_timeout_reaches_the_process_group():
+    """launch.collective_timeout_s is the process group's own timeout: a collective a peer never joins
+    fails after it (here 2 s), not after torch's default 30 minutes."""
+    import multiprocessing
+
+    fork = multiprocessing.get_context("fork")
+    results, port = fork.SimpleQueue(), free_port()
+    procs = [fork.Process(target=_collective_with_an_absent_peer, args=(r, port, results)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    message, waited = results.get()
+    for p in procs:
+        p.join(timeout=30)
+    assert "timed out" in message.lower() and 1.5 < waited < 7, (message, waited)

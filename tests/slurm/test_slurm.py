@@ -5,6 +5,7 @@ emulated nodes, munge): real sbatch, srun, scancel and scontrol requeue.
   starts again and resumes; its losses equal the uninterrupted run on one machine, bit for bit.
 - 2 nodes x 1 rank through megamobi's launcher, and through `deepspeed --launcher slurm`: the same losses.
 - `scancel` (SIGTERM) on 2 nodes: a verified checkpoint at the step the log stopped at.
+- A rank that hangs (MEGAMOBI_FAULTS) on 2 nodes: the watchdog names it and the job requeues itself.
 - MEGAMOBI_DRY_RUN=1 inside an allocation; the host-list table against `scontrol show hostnames`.
 
 The jobs are submitted together (oversubscribing the two nodes) to keep the module near 2 minutes.
@@ -67,6 +68,8 @@ def jobs(slurm, token_shards, tmp_path_factory):
     submitted["requeue"] = (job_id, root / "requeue")
     submit("two-nodes", ["--nodes=2", "--output=two-nodes.out"], [f"train.steps={STEPS}"], NPROC_PER_NODE="1")
     submit("sigterm", ["--nodes=2", "--output=sigterm.out"], ["train.steps=100000"], NPROC_PER_NODE="1")
+    submit("hang", ["--nodes=2", "--output=hang.out"], ["train.steps=100000", "launch.hang_timeout_s=5"],
+           NPROC_PER_NODE="1", MEGAMOBI_FAULTS="hang:step=3:rank=1")
     (root / "ds-slurm.sh").write_text(
         "#!/bin/bash\nset -e\nprintf 'node1 slots=1\\nnode2 slots=1\\n' > hostfile\n"
         f"exec deepspeed --launcher slurm --hostfile hostfile --no_ssh_check --master_addr node1 {SCRIPT} "
@@ -144,6 +147,23 @@ def test_scancel_sigterm_saves_a_checkpoint(slurm, jobs):
     assert verify_checkpoint(checkpoint) == []
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == checkpoint.name
     assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"] == step
+
+
+def test_a_hang_names_the_rank_and_requeues_the_job(slurm, jobs):
+    """Rank 1 (on node2) stops making progress: within hang_timeout_s the watchdog names it, and the job
+    requeues itself (it would hang again, so the test cancels it once it is requeued)."""
+    job_id, run_dir = jobs["hang"]
+    deadline = time.monotonic() + 240
+    while int(slurm.job(job_id).get("Restarts", "0")) < 1:
+        assert time.monotonic() < deadline, slurm.job(job_id)
+        time.sleep(0.5)
+    slurm.scancel(job_id)
+    lines = log_lines(jobs["root"] / "hang.out")
+    line = next(x for x in lines if x.startswith("megamobi: hang: no progress for"))
+    assert "rank 1 (" in line and "behind: at step 3 data" in line, lines[-20:]
+    assert f"requeued SLURM job {job_id} (scontrol requeue)" in line and "(exit status 76)" in line
+    report = min((run_dir / "logs").glob("hang-*/report.txt"))  # the first attempt's
+    assert len(list(report.parent.glob("rank*.txt"))) == 2  # both ranks' stacks, from both nodes
 
 
 def test_dry_run_inside_an_allocation(slurm, jobs):

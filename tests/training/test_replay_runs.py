@@ -98,7 +98,9 @@ def test_replay_equals_what_each_rank_consumed_across_kill_and_reshard(tmp_path,
                          capture_output=True, text=True, check=True).stdout
     replayed = defaultdict(lambda: defaultdict(list))
     lines = [json.loads(line) for line in out.splitlines()]
-    assert set(lines[0]) == {"step", "stage", "rank", "micro_batch", "sample_index", "shard", "row", "offset", "source", "tokens"}
+    assert set(lines[0]) == {"step", "stage", "rank", "micro_batch", "sample_index", "shard", "row", "offset", "source",
+                             "tokens", "skipped"}
+    assert not any(r["skipped"] for r in lines)
     for r in lines:
         assert len(r["tokens"]) == SEQ + 1
         replayed[r["step"]][(r["rank"], r["micro_batch"])].append((r["sample_index"], r["offset"], tokens_hash(r["tokens"])))

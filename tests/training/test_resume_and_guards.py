@@ -83,7 +83,8 @@ def test_corrupt_latest_checkpoint_is_skipped(tmp_path, token_shards):
     assert "sha256 differs" in messages[0] and "step_0000004" in messages[0]
 
 
-def _nan_run(rank, run):
+def _nan_run(rank, run, faults):
+    os.environ["MEGAMOBI_FAULTS"] = faults  # in this forked rank only
     try:
         Trainer(run).train()
     except NonFiniteLossError as err:
@@ -94,8 +95,8 @@ def _nan_run(rank, run):
 def test_non_finite_steps_are_skipped_and_counted(tmp_path, token_shards):
     every_step = {"interval_tokens": 8 * 32}
     run = make_run(tmp_path / "nan", token_shards, checkpoint=every_step,
-                   train={"steps": 5, "log_interval": 1, "inject_nan_at_steps": [2]}, parallel={"zero_stage": 0})
-    assert run_ranks(_nan_run, world_size=2, args=(run,)) == [None, None]
+                   train={"steps": 5, "log_interval": 1}, parallel={"zero_stage": 0})
+    assert run_ranks(_nan_run, world_size=2, args=(run, "nan:step=3:rank=1")) == [None, None]
     metrics = read_metrics(tmp_path / "nan")
     assert [m["skipped_steps"] for m in metrics] == [0, 0, 1, 1, 1]
     assert math.isfinite(metrics[-1]["loss"])
@@ -109,9 +110,8 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, token_shards):
 @pytest.mark.parametrize("zero_stage", [1, 3])
 def test_too_many_non_finite_steps_stop_the_run(tmp_path, token_shards, zero_stage):
     run = make_run(tmp_path / "nan", token_shards,
-                   train={"steps": 6, "log_interval": 1, "inject_nan_at_steps": [1, 2, 3], "max_bad_steps": 3},
-                   parallel={"zero_stage": zero_stage})
-    errors = run_ranks(_nan_run, world_size=2, args=(run,))
+                   train={"steps": 6, "log_interval": 1, "max_bad_steps": 3}, parallel={"zero_stage": zero_stage})
+    errors = run_ranks(_nan_run, world_size=2, args=(run, "nan:step=1:rank=0;nan:step=2:rank=1;nan:step=3:rank=0"))
     assert all("3 steps in a row had a non-finite loss" in e for e in errors)
 
 
