@@ -16,6 +16,7 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.60",
         "zstandard>=0.22",
+        "msgspec>=0.18",  # the Amber line parser's fast path
         "python-hostlist>=2.0",  # SLURM host lists in megamobi.launcher
     ],
     extras_require={
@@ -24,7 +25,7 @@ setup(
         "plot": ["matplotlib>=3.7"],
         "logging": ["wandb>=0.17", "tensorboard>=2.15"],
         "test": ["pytest>=8", "transformers>=4.45", "gguf>=0.10", "protobuf>=4", "megatron-core>=0.12",
-                 "lm-eval>=0.4.5,<0.5", "accelerate>=0.26", "matplotlib>=3.7"],
+                 "lm-eval>=0.4.5,<0.5", "accelerate>=0.26", "matplotlib>=3.7", "orjson>=3.9"],
         # The CPU tests also run liger-kernel under Triton's interpreter: requirements/triton-interpreter.txt
         # pins triton + liger-kernel for that (installed --no-deps; not here, since a CUDA torch pins its own triton).
         # GPU-only speed-ups, imported when present: never required.

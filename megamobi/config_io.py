@@ -48,26 +48,33 @@ def from_dict(cls: type[T], data: Any, *, where: str) -> T:
     """Build dataclass `cls` from `data`; `where` (e.g. 'configs/tiny.yaml: model') prefixes every error."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    # A field's YAML key is its name, or metadata["key"] where the key is a Python keyword (async).
+    fields = {f.metadata.get("key", f.name): f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
-    for name, field in fields.items():
-        if name in data:
-            kwargs[name] = _coerce(hints[name], data[name], where=f"{where}.{name}")
+    for key, field in fields.items():
+        if key in data:
+            kwargs[field.name] = _coerce(hints[field.name], data[key], where=f"{where}.{key}")
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{where}: missing required key {name!r}")
+            raise ConfigError(f"{where}: missing required key {key!r}")
     try:
         return cls(**kwargs)
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
 
 
-def to_dict(obj: Any) -> dict[str, Any]:
-    """A dataclass as plain YAML/JSON-able data (the inverse of `from_dict`)."""
-    return dataclasses.asdict(obj)
+def to_dict(obj: Any) -> Any:
+    """A dataclass as plain YAML/JSON-able data under its YAML keys (the inverse of `from_dict`)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.metadata.get("key", f.name): to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_dict(v) for v in obj)
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
 
 
 _INDEXED = re.compile(r"^(\w+)\[(\d+)\]$")  # `stages[1]`: one entry of a list (data.stages[1].until_tokens=...)

@@ -45,7 +45,7 @@ SUBSTITUTIONS = [
     (r"--steps 2001:2015", "--steps 1:2"),
     (r"\bA:B\b", "1:2"),
     (r"SHARD_DIR:ROW", "data/tiny/shards:0"),
-    (r"SHARD\.bin:ROW", "data/tiny/shards/shard_00000.bin:0"),
+    (r"SHARD\.bin:ROW", "data/tiny/shards/shard_000000_000.bin:0"),
     (r"MobiLlama-05B/", "hf/mobillama"),
     (r"--workers \d+", "--workers 2"),
     # The sandbox run's shards hold token ids, not text: its manifest records no tokenizer to search with.

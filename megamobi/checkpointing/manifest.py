@@ -8,6 +8,8 @@ full disk has no manifest or fails its checksums, and resume skips it for the pr
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +35,30 @@ def _payload_files(checkpoint_dir: Path) -> list[Path]:
     return sorted(p for p in checkpoint_dir.rglob("*") if p.is_file() and p.name != MANIFEST_NAME and not p.name.endswith(".tmp"))
 
 
-def write_manifest(checkpoint_dir: str | Path, *, model_config: ModelConfig, info: dict[str, Any]) -> dict[str, Any]:
+def write_manifest(checkpoint_dir: str | Path, *, model_config: ModelConfig, info: dict[str, Any],
+                   digests: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Seal a checkpoint directory whose payload files are all written. `info`: step, consumed
-    samples/tokens, loss, layout, run config, data manifest checksum, ... (JSON-able)."""
+    samples/tokens, loss, layout, run config, data manifest checksum, ... (JSON-able). `digests`:
+    {file: {bytes, sha256}} hashed while written (megamobi.checkpointing.hashed_files); only the
+    files it does not list are read back and hashed here."""
     checkpoint_dir = Path(checkpoint_dir)
+    digests = digests or {}
+    files = {}
+    for path in _payload_files(checkpoint_dir):
+        name = str(path.relative_to(checkpoint_dir))
+        known = digests.get(name)
+        if known is not None and path.stat().st_size != known["bytes"]:
+            raise RuntimeError(f"{path}: {path.stat().st_size} bytes on disk, {known['bytes']} were written")
+        files[name] = known or {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    missing = sorted(set(digests) - set(files))
+    if missing:
+        raise RuntimeError(f"{checkpoint_dir}: written but gone before the manifest: {', '.join(missing[:3])}")
     manifest = {
         "format_version": FORMAT_VERSION,
         "code_version": code_version(),
         "model_config": dict(model_config.__dict__),
         **info,
-        "files": {str(p.relative_to(checkpoint_dir)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                  for p in _payload_files(checkpoint_dir)},
+        "files": files,
     }
     write_json_atomic(checkpoint_dir / MANIFEST_NAME, manifest)
     return manifest
@@ -60,20 +75,38 @@ def checkpoint_model_config(checkpoint_dir: str | Path) -> ModelConfig:
     return from_dict(ModelConfig, read_manifest(checkpoint_dir)["model_config"], where=f"{checkpoint_dir}/{MANIFEST_NAME}: model_config")
 
 
-def verify_checkpoint(checkpoint_dir: str | Path) -> list[str]:
-    """Problems found (empty when the checkpoint is whole): missing manifest, files missing or changed."""
+def verify_checkpoint(checkpoint_dir: str | Path, *, share: tuple[int, int] | None = None) -> list[str]:
+    """Problems found (empty when the checkpoint is whole): missing manifest, files missing or changed.
+    Files are hashed by parallel threads (sha256 releases the GIL). `share=(rank, world)`: check only
+    this rank's share of the bytes (see files_of_rank); the union over all ranks checks everything."""
     checkpoint_dir = Path(checkpoint_dir)
     try:
         manifest = read_manifest(checkpoint_dir)
     except (FileNotFoundError, json.JSONDecodeError) as err:
         return [str(err)]
-    problems = []
-    for name, expected in manifest["files"].items():
-        path = checkpoint_dir / name
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-        elif path.stat().st_size != expected["bytes"]:
-            problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {expected['bytes']}")
-        elif sha256_file(path) != expected["sha256"]:
-            problems.append(f"{path}: sha256 differs from the manifest")
-    return problems
+    files = manifest["files"]
+    names = list(files) if share is None else files_of_rank(files, rank=share[0], world=share[1])
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        found = pool.map(lambda name: _file_problem(checkpoint_dir / name, files[name]), names)
+    return [problem for problem in found if problem]
+
+
+def files_of_rank(files: dict[str, dict[str, Any]], *, rank: int, world: int) -> list[str]:
+    """Rank `rank`'s share of a manifest's files for a verification spread over `world` ranks: the
+    largest file first to the rank with the fewest bytes so far (the same answer on every rank)."""
+    loads, shares = [0] * world, [[] for _ in range(world)]
+    for name in sorted(files, key=lambda n: (-files[n]["bytes"], n)):
+        lightest = loads.index(min(loads))
+        shares[lightest].append(name)
+        loads[lightest] += files[name]["bytes"]
+    return sorted(shares[rank])
+
+
+def _file_problem(path: Path, expected: dict[str, Any]) -> str | None:
+    if not path.is_file():
+        return f"{path}: missing"
+    if path.stat().st_size != expected["bytes"]:
+        return f"{path}: {path.stat().st_size} bytes, manifest says {expected['bytes']}"
+    if sha256_file(path, direct=True) != expected["sha256"]:
+        return f"{path}: sha256 differs from the manifest"
+    return None

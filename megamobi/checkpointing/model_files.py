@@ -40,11 +40,16 @@ def write_model_shard(path: str | Path, *, tensors: dict[str, torch.Tensor], sha
     """Write one rank's tensors; `shards` describes every tensor that is a slice of a larger one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    layout = {key: shards[key].__dict__ for key in tensors if key in shards and shards[key].split_dim is not None}
     contiguous = {key: t.detach().contiguous().cpu() for key, t in tensors.items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(contiguous, str(tmp), metadata={"megamobi_shards": json.dumps(layout)})
+    save_file(contiguous, str(tmp), metadata=shard_metadata(tensors=tensors, shards=shards))
     tmp.replace(path)
+
+
+def shard_metadata(*, tensors: dict[str, torch.Tensor], shards: dict[str, TensorShard]) -> dict[str, str]:
+    """The safetensors header metadata of one rank's file: how each split tensor is split."""
+    layout = {key: shards[key].__dict__ for key in tensors if key in shards and shards[key].split_dim is not None}
+    return {"megamobi_shards": json.dumps(layout)}
 
 
 def read_full_model(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:

@@ -1,8 +1,11 @@
-"""Input chunks and the worker that turns one chunk into a token stream on disk.
+"""Input chunks and the worker that turns one chunk into whole shards.
 
 A chunk is a byte range of one uncompressed input file (it owns the lines that START inside
 the range) or a whole compressed / plain-text file. Chunks depend only on the inputs and
 --chunk-mb, never on --workers, which is what makes the output independent of the worker count.
+A worker cuts its chunk's token stream into SEQ_LEN windows and writes them as the chunk's own
+shards (hashed as written); only the chunk's last < SEQ_LEN tokens (its tail) go back to the main
+process, which joins the tails of all chunks into the last shards.
 """
 import os
 from collections.abc import Iterator
@@ -12,14 +15,16 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .indexed_format import TOKEN_DTYPE
+from .indexed_format import SEQ_LEN, TOKEN_DTYPE
 from .input_files import compression_of, logical_name, open_decompressed, source_stem
-from .line_parsers import LineRejected, parse_amber_line, parse_text_jsonl_line
+from .line_parsers import AmberLineParser, LineRejected, parse_text_jsonl_line
+from .shard_writer import WindowWriter, WrittenShard, chunk_shard_name
 
 KIND_AMBER = "amber"
 KIND_TEXT_JSONL = "text-jsonl"
 KIND_TEXT_PLAIN = "text-plain"
 _TEXT_BATCH_CHARS = 1 << 20  # documents per encode() call: big enough to amortise call overhead
+MAX_LISTED_BAD_LINES = 10_000  # all bad lines are counted; this many are listed by file/line
 
 
 @dataclass(frozen=True)
@@ -36,7 +41,8 @@ class Chunk:
 @dataclass
 class ChunkJob:
     chunk: Chunk
-    part_path: str
+    directory: str  # the output directory: the chunk's shards are written there as *.tmp
+    samples_per_shard: int
     vocab_size: int
     skip_bad: bool
     tokenizer_path: str | None = None
@@ -46,14 +52,17 @@ class ChunkJob:
 @dataclass
 class ChunkResult:
     index: int
-    part_path: str
     num_tokens: int = 0
-    segments: list[tuple[str, int]] = field(default_factory=list)  # (source, tokens), run-length
+    shards: list[WrittenShard] = field(default_factory=list)
+    source_names: list[str] = field(default_factory=list)  # the shards' local source ids -> names
+    tail: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=TOKEN_DTYPE))
+    tail_segments: list[tuple[str, int]] = field(default_factory=list)  # (source, tokens), run-length
     lines: int = 0
     documents: int = 0
     empty_documents: int = 0
     blank_lines: int = 0
     bad: list[tuple[int, str, str]] = field(default_factory=list)  # (line in chunk, reason, detail)
+    bad_counts: dict[str, int] = field(default_factory=dict)  # every bad line, by reason
     fatal: tuple[int, str, str] | None = None
     input_bytes: int = 0
 
@@ -95,70 +104,38 @@ def _iter_lines(stream: BinaryIO, *, start: int, end: int) -> Iterator[bytes]:
         yield line
 
 
-class _PartWriter:
-    """Buffers token arrays and appends them to the part file in large writes."""
-
-    def __init__(self, path: str) -> None:
-        self._stream = open(path, "wb")
-        self._pending: list[np.ndarray] = []
-        self._pending_tokens = 0
-        self.num_tokens = 0
-
-    def add(self, tokens: np.ndarray) -> None:
-        self._pending.append(tokens)
-        self._pending_tokens += len(tokens)
-        self.num_tokens += len(tokens)
-        if self._pending_tokens >= 1 << 22:
-            self.flush()
-
-    def flush(self) -> None:
-        if self._pending:
-            self._stream.write(np.concatenate(self._pending).astype(TOKEN_DTYPE, copy=False).tobytes())
-            self._pending.clear()
-            self._pending_tokens = 0
-
-    def close(self) -> None:
-        self.flush()
-        self._stream.close()
-
-
-def _add_segment(segments: list[tuple[str, int]], source: str, tokens: int) -> None:
-    if segments and segments[-1][0] == source:
-        segments[-1] = (source, segments[-1][1] + tokens)
-    else:
-        segments.append((source, tokens))
-
-
 def _reject(result: ChunkResult, job: ChunkJob, line_in_chunk: int, err: LineRejected) -> bool:
     """Record a bad line; returns True when processing must stop (no --skip-bad)."""
     if job.skip_bad:
-        result.bad.append((line_in_chunk, err.reason, err.detail))
+        result.bad_counts[err.reason] = result.bad_counts.get(err.reason, 0) + 1
+        if len(result.bad) < MAX_LISTED_BAD_LINES:
+            result.bad.append((line_in_chunk, err.reason, err.detail))
         return False
     result.fatal = (line_in_chunk, err.reason, err.detail)
     return True
 
 
-def _process_amber(job: ChunkJob, lines: Iterator[bytes], out: _PartWriter, result: ChunkResult) -> None:
+def _process_amber(job: ChunkJob, lines: Iterator[bytes], out: WindowWriter, result: ChunkResult) -> None:
+    parse = AmberLineParser(vocab_size=job.vocab_size)
     for line_no, raw in enumerate(lines):
         result.lines += 1
-        if not raw.strip():
+        if raw.isspace():
             result.blank_lines += 1
             continue
         try:
-            tokens, source = parse_amber_line(raw, vocab_size=job.vocab_size)
+            tokens, source = parse(raw)
         except LineRejected as err:
             if _reject(result, job, line_no, err):
                 return
             continue
-        out.add(tokens)
+        out.add(tokens, source)
         result.documents += 1
-        _add_segment(result.segments, source, len(tokens))
 
 
 class _TextEncoder:
     """Collects documents and encodes them in batches; every document gets EOS, no BOS (Amber rule)."""
 
-    def __init__(self, job: ChunkJob, out: _PartWriter, result: ChunkResult) -> None:
+    def __init__(self, job: ChunkJob, out: WindowWriter, result: ChunkResult) -> None:
         import sentencepiece
 
         self._sp = sentencepiece.SentencePieceProcessor(model_file=job.tokenizer_path)
@@ -183,12 +160,9 @@ class _TextEncoder:
             return
         # One thread per worker: parallelism comes from --workers, not from hidden threads.
         encoded = self._sp.encode(self._texts, out_type=int, add_bos=False, add_eos=False, num_threads=1)
-        flat: list[int] = []
         for ids, source in zip(encoded, self._sources):
-            flat.extend(ids)
-            flat.append(self._eos)
-            _add_segment(self._result.segments, source, len(ids) + 1)
-        self._out.add(np.array(flat, dtype=TOKEN_DTYPE))
+            ids.append(self._eos)
+            self._out.add(np.array(ids, dtype=TOKEN_DTYPE), source)
         self._result.documents += len(self._texts)
         self._texts, self._sources, self._chars = [], [], 0
 
@@ -198,7 +172,7 @@ def _process_text_jsonl(job: ChunkJob, lines: Iterator[bytes], encoder: _TextEnc
     default_source = source_stem(Path(job.chunk.path))
     for line_no, raw in enumerate(lines):
         result.lines += 1
-        if not raw.strip():
+        if raw.isspace():
             result.blank_lines += 1
             continue
         try:
@@ -235,10 +209,11 @@ def _process_text_plain(job: ChunkJob, lines: Iterator[bytes], encoder: _TextEnc
 
 
 def process_chunk(job: ChunkJob) -> ChunkResult:
-    """Parse/tokenize one chunk into job.part_path (raw uint16 tokens). Runs in a worker process."""
+    """Parse/tokenize one chunk into its own shards (*.tmp, see shard_writer). Runs in a worker."""
     chunk = job.chunk
-    result = ChunkResult(index=chunk.index, part_path=job.part_path)
-    out = _PartWriter(job.part_path)
+    result = ChunkResult(index=chunk.index)
+    out = WindowWriter(directory=Path(job.directory), samples_per_shard=job.samples_per_shard,
+                       name=lambda piece: chunk_shard_name(chunk.index, piece))
     try:
         with open_decompressed(Path(chunk.path), compression=chunk.compression) as stream:
             lines = _iter_lines(stream, start=chunk.start, end=chunk.end)
@@ -251,9 +226,12 @@ def process_chunk(job: ChunkJob) -> ChunkResult:
                 else:
                     _process_text_plain(job, lines, encoder, result)
                 encoder.flush()
+        if result.fatal is None:
+            result.tail, result.tail_segments = out.finish()
     finally:
-        out.close()
-    result.num_tokens = out.num_tokens
+        out.abort()
+    result.shards, result.source_names = out.shards, out.source_names
+    result.num_tokens = sum(s.num_samples for s in out.shards) * SEQ_LEN + len(result.tail)
     size = os.path.getsize(chunk.path)
     result.input_bytes = (size if chunk.end < 0 else chunk.end) - chunk.start
     return result

@@ -30,12 +30,14 @@ def preprocess_main(argv: list[str] | None = None) -> int:
                              "(default: from the first input's first line)")
     parser.add_argument("--tokenizer", help="SentencePiece .model (required for --format text)")
     parser.add_argument("--vocab-size", type=positive_int, help="for amber without --tokenizer (default 32000)")
-    parser.add_argument("--samples-per-shard", type=positive_int, default=262_144)
+    parser.add_argument("--samples-per-shard", type=positive_int, default=262_144,
+                        help="the most samples in one shard (a chunk with more is split)")
     parser.add_argument("--workers", type=positive_int, default=1)
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip bad lines (counted and listed in the manifest) instead of stopping")
-    parser.add_argument("--chunk-mb", type=positive_float, default=256.0,
-                        help="work unit: byte range of an uncompressed file (output depends on it)")
+    parser.add_argument("--chunk-mb", type=positive_float, default=1024.0,
+                        help="work unit and shard unit: byte range of an uncompressed file, written as its own "
+                             "shards (output depends on it)")
     parser.add_argument("--overwrite", action="store_true", help="delete existing output first")
     parser.add_argument("--verify-existing", action="store_true",
                         help="on resume, check sha256 of finished shards (default: sizes + headers)")

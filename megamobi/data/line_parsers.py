@@ -2,6 +2,7 @@
 reasons are short stable keys used for the per-reason counts in the manifest."""
 import json
 
+import msgspec
 import numpy as np
 
 from .indexed_format import SEQ_LEN
@@ -81,3 +82,35 @@ def parse_text_jsonl_line(raw: bytes, *, default_source: str) -> tuple[str, str]
                 source = meta[key]
                 break
     return text, source
+
+
+class _AmberRow(msgspec.Struct):
+    token_ids: list[int]
+    source: str
+
+
+class AmberLineParser:
+    """parse_amber_line at the speed of msgspec. The fast path (typed decode in C, then one
+    conversion to uint16) accepts only lines that parse_amber_line accepts too; any line it does
+    not accept is handed to parse_amber_line, whose answer (tokens, or the reason) is final. So the
+    accepted lines and every error message are exactly those of the reference parser."""
+
+    def __init__(self, *, vocab_size: int) -> None:
+        self._decode = msgspec.json.Decoder(_AmberRow).decode
+        self._vocab_size = vocab_size
+
+    def __call__(self, raw: bytes) -> tuple[np.ndarray, str]:
+        try:
+            # msgspec does not check the UTF-8 of fields it skips; json.loads(raw.decode()) does.
+            if not raw.isascii():
+                raw.decode("utf-8")
+            row = self._decode(raw)
+            ids = row.token_ids
+            if len(ids) == SEQ_LEN and row.source:
+                # list[int] refused bools and floats; fromiter refuses ids outside uint16.
+                tokens = np.fromiter(ids, dtype=np.uint16, count=SEQ_LEN)
+                if self._vocab_size > 0xFFFF or int(tokens.max()) < self._vocab_size:
+                    return tokens, row.source
+        except (msgspec.DecodeError, UnicodeDecodeError, OverflowError):
+            pass
+        return parse_amber_line(raw, vocab_size=self._vocab_size)

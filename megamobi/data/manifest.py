@@ -2,7 +2,7 @@
 from pathlib import Path
 
 MANIFEST_NAME = "manifest.json"
-PROGRESS_NAME = ".progress.json"  # resume state of an unfinished run; removed when done
+PROGRESS_NAME = ".progress.jsonl"  # resume state of an unfinished run (megamobi.data.progress_log); kept
 FORMAT_NAME = "megamobi-shards"
 FORMAT_VERSION = 1
 

@@ -11,9 +11,11 @@ past checkpoints that are incomplete or fail their checksums.
         megamobi.json                manifest + sha256 of every file above; written last
       latest                         "step_0000200", replaced atomically after the manifest
 
-Every rank writes into `.step_0000200.partial/`; after a barrier rank 0 writes the manifest and
-renames the directory, so a directory named step_* is complete unless its files were changed
-later, which the checksums catch.
+Every rank writes its files into `.step_0000200.partial/`, hashing them as they are written
+(megamobi.checkpointing.checkpoint_job), and reports their digests; rank 0 writes the manifest,
+fsyncs, renames the directory and moves `latest` (megamobi.checkpointing.commit), so a directory
+named step_* is complete unless its files were changed later, which the checksums catch. With
+`checkpoint.async: true` the writing happens in a background thread (megamobi.checkpointing.writer).
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megamobi.checkpointing.manifest import CHECKPOINTS, complete_checkpoints, verify_checkpoint, write_manifest
-from megamobi.files import write_json_atomic
+from megamobi.checkpointing.commit import CheckpointNotSaved, gather_rank_digests, publish_checkpoint, report_rank_done
+from megamobi.checkpointing.manifest import CHECKPOINTS, complete_checkpoints, read_manifest, verify_checkpoint
+from megamobi.checkpointing.writer import CheckpointWriter
 from megamobi.model_config import ModelConfig
 from megamobi.training.early_stop import slow_save_for_tests
 
@@ -62,15 +65,46 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
 
 
 def find_resume_checkpoint(run_dir: str | Path, *, report) -> Path | None:
-    """The newest checkpoint that passes its checksums; broken ones are reported and skipped."""
-    for candidate in reversed(complete_checkpoints(run_dir)):
-        problems = verify_checkpoint(candidate)
+    """The newest checkpoint that passes its checksums; broken ones are reported (by rank 0) and
+    skipped. Collective when torch.distributed is up: the ranks verify a share of the bytes each."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    candidates = _from_rank0(complete_checkpoints(run_dir) if rank == 0 else None)
+    for candidate in reversed(candidates):
+        problems = verify_checkpoint_across_ranks(candidate)
         if not problems:
             return candidate
-        report(f"skipping checkpoint {candidate}: " + "; ".join(problems[:3]))
-    for partial in checkpoints_dir(run_dir).glob(".step_*.partial") if checkpoints_dir(run_dir).is_dir() else []:
+        if rank == 0:
+            report(f"skipping checkpoint {candidate}: " + "; ".join(problems[:3]))
+    for partial in checkpoints_dir(run_dir).glob(".step_*.partial") if rank == 0 and checkpoints_dir(run_dir).is_dir() else []:
         report(f"ignoring incomplete checkpoint {partial} (the run stopped while writing it)")
     return None
+
+
+def verify_checkpoint_across_ranks(checkpoint: Path) -> list[str]:
+    """verify_checkpoint() with the files shared out over the ranks (balanced by bytes), every
+    rank's problems gathered: the same answer on every rank. One process: verify_checkpoint()."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return verify_checkpoint(checkpoint)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    readable = None
+    if rank == 0:  # one reader of the manifest decides whether there is anything to share out
+        try:
+            readable = bool(read_manifest(checkpoint))
+        except (FileNotFoundError, ValueError):
+            readable = False
+    if not _from_rank0(readable):
+        return _from_rank0(verify_checkpoint(checkpoint) if rank == 0 else None)
+    mine = verify_checkpoint(checkpoint, share=(rank, world))
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, mine)
+    return [problem for problems in everyone for problem in problems]
+
+
+def _from_rank0(value):
+    box = [value]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def rng_state() -> dict[str, Any]:
@@ -92,44 +126,63 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def broadcast_path(path: Path | None) -> Path | None:
-    """Rank 0's decision, on every rank."""
-    box = [None if path is None else str(path)]
-    if dist.is_initialized():
-        dist.broadcast_object_list(box, src=0)
-    return None if box[0] is None else Path(box[0])
-
-
 def save_checkpoint(*, run_dir: Path, engine, state: TrainerState, model_config: ModelConfig,
                     write_portable_state, manifest_info: dict[str, Any], keep_last: int | None,
-                    protect: tuple[Path | None, ...] = ()) -> Path:
-    """Collective: every rank calls it. `write_portable_state(dir)` writes the layout-independent files."""
+                    protect: tuple[Path | None, ...] = (), writer: CheckpointWriter | None = None) -> Path:
+    """Collective: every rank calls it. `write_portable_state(dir, job)` adds the layout-independent
+    files to this rank's job. The files are hashed while written and published by rank 0 once every
+    rank reported (megamobi.checkpointing.commit); with a background `writer` this returns as soon
+    as the state is copied, otherwise once the checkpoint is published."""
+    writer = writer or CheckpointWriter(background=False)
     rank = dist.get_rank() if dist.is_initialized() else 0
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
     name = checkpoint_name(state.step)
     root = checkpoints_dir(run_dir)
     final, partial = root / name, root / f".{name}.partial"
+    writer.wait()  # a save waits for the one before it (it may prune, or even be of the same step)
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     _barrier()
-    engine.save_checkpoint(str(partial / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
+    job = writer.new_job(partial)
+    engine.checkpoint_engine.job = job  # DeepSpeed's state dicts go into the job (safe_deepspeed)
+    try:
+        engine.save_checkpoint(str(partial / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
+    finally:
+        engine.checkpoint_engine.job = None
     if rank == 0:
         drop_deepspeed_recovery_scripts(partial / DEEPSPEED_DIR)
-    write_portable_state(partial)
-    slow_save_for_tests()  # MEGAMOBI_TEST_SAVE_DELAY_S: a signal can arrive while a checkpoint is written
-    write_json_atomic(partial / "rng" / f"rank{rank:05d}.json", rng_state())
-    _barrier()
+    write_portable_state(partial, job)
+    job.add_json(partial / "rng" / f"rank{rank:05d}.json", rng_state())
     if rank == 0:
-        write_json_atomic(partial / TRAINER_STATE, state.__dict__)
-        write_manifest(partial, model_config=model_config, info=manifest_info)
-        if final.exists():  # a re-run of the same step after a crash: replace it
-            shutil.rmtree(final)
-        partial.rename(final)
-        tmp = root / "latest.tmp"
-        tmp.write_text(name + "\n")
-        tmp.replace(root / "latest")
-        prune_checkpoints(run_dir, keep_last=keep_last, protect=(final, *protect))
-    _barrier()
+        job.add_json(partial / TRAINER_STATE, dict(state.__dict__))
+
+    def write_and_publish() -> None:
+        failed = None
+        try:
+            files = job.write(verify=writer.background)
+            slow_save_for_tests()  # MEGAMOBI_TEST_SAVE_DELAY_S: a signal or a kill can arrive mid-save
+            report_rank_done(partial, rank=rank, files=files)
+        except Exception as err:
+            failed = err
+            job.discard()  # a full disk gets its space back, so the report below can be written
+            report_rank_done(partial, rank=rank, files=None, error=f"{type(err).__name__}: {err}")
+        if rank == 0:
+            try:
+                digests = gather_rank_digests(partial, world_size=world_size)  # every rank, rank 0 too
+            except CheckpointNotSaved:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
+            publish_checkpoint(partial, final, model_config=model_config, info=manifest_info, digests=digests)
+            prune_checkpoints(run_dir, keep_last=keep_last, protect=(final, *protect))
+            if writer.background:
+                writer.report(f"saved checkpoint {final} (written in the background)")
+        if failed is not None:
+            raise failed
+
+    writer.submit(write_and_publish, what=name)
+    if not writer.background:
+        _barrier()
     return final
 
 

@@ -8,7 +8,6 @@ that time is up), and stop at the configured number of steps or tokens.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import signal
@@ -25,7 +24,8 @@ from megamobi.checkpointing.manifest import read_manifest
 from megamobi.checkpointing.model_files import read_full_model
 from megamobi.checkpointing.recorded_paths import launch_dir_record
 from megamobi.checkpointing.safe_deepspeed import use_safe_loading
-from megamobi.config_io import ConfigError
+from megamobi.checkpointing.writer import CheckpointWriter
+from megamobi.config_io import ConfigError, to_dict
 from megamobi.kernels.plan import apply_run_kernels
 from megamobi.model import flops_per_token
 from megamobi.parallel.build import build_parallel_model
@@ -34,7 +34,6 @@ from megamobi.parallel.pipeline import sync_shared_ffn_replicas
 from megamobi.parallel.shard_specs import load_full_state_dict
 from megamobi.training.checkpoint import (
     TrainerState,
-    broadcast_path,
     complete_checkpoints,
     find_resume_checkpoint,
     load_checkpoint,
@@ -104,6 +103,8 @@ class Trainer:
         self.guard = StepGuard()  # the step's loss and spike limit, for FiniteStepAdamW
         self.stopped_by: str | None = None  # the signal that stopped the run early (after a save)
         self.last_checkpoint: Path | None = None
+        self.checkpoint_writer = CheckpointWriter(  # checkpoint.async: written in a background thread
+            background=run.checkpoint.async_save, report=lambda msg: print(f"[megamobi] rank {self.rank}: {msg}", flush=True))
 
         resume_from = self._find_resume_checkpoint()
         check_trainer_start(run, resume_from=resume_from)  # the checkpoint holds this model; the batch fits
@@ -155,7 +156,7 @@ class Trainer:
                 print(f"[megamobi] initialised the model from {init_from} (weights only; fresh optimizer)", flush=True)
         self.logger = MetricsLogger(run_dir=self.run_dir, config=run.logging, enabled=self.rank == 0,
                                     total_steps=self.total_steps, run_name=self.run_dir.name,
-                                    wandb_run_id=self.state.wandb_run_id, run_config=dataclasses.asdict(run))
+                                    wandb_run_id=self.state.wandb_run_id, run_config=to_dict(run))
         self.state.wandb_run_id = self.logger.wandb_run_id or self.state.wandb_run_id
         self.data_provenance.log_changes(self.logger)
         self.schedule_record.log_changes(self.logger)
@@ -192,10 +193,8 @@ class Trainer:
                 raise ConfigError(f"{self.run_dir} already holds checkpoints and checkpoint.resume is false: a new run "
                                   "would overwrite them. Use a new run_dir, or checkpoint.resume: true to continue.")
             return None
-        found = None
-        if self.rank == 0:
-            found = find_resume_checkpoint(self.run_dir, report=lambda msg: print(f"[megamobi] {msg}", flush=True))
-        return broadcast_path(found)
+        # Every rank verifies a share of the checkpoint's bytes.
+        return find_resume_checkpoint(self.run_dir, report=lambda msg: print(f"[megamobi] {msg}", flush=True))
 
     def _resume(self, checkpoint: Path, *, saved_layout: dict | None, reshard: bool) -> None:
         if reshard:
@@ -282,6 +281,7 @@ class Trainer:
         watchdog = self.recovery.start_watchdog()
         try:
             self._train_loop()
+            self.wait_for_checkpoint()  # the run (or the signal's stop) ends with its last save complete
         finally:
             watchdog.stop()
         self.logger.info(f"pictures of this run: python -m megamobi.plot {self.run_dir}  (docs/eval.md)")
@@ -427,15 +427,15 @@ class Trainer:
         self.state.adam_step = adam_step(self.optimizer)
         path = save_checkpoint(
             run_dir=self.run_dir, engine=self.engine, state=self.state, model_config=self.model_config,
-            write_portable_state=lambda directory: (write_portable_state(
-                engine=self.engine, groups=self.groups, optimizer=self.optimizer, checkpoint_dir=directory),
+            write_portable_state=lambda directory, job: (write_portable_state(
+                engine=self.engine, groups=self.groups, optimizer=self.optimizer, checkpoint_dir=directory, job=job),
                 self.faults.during_save(self.state.step)),  # MEGAMOBI_FAULTS kill:...:during=save
-            keep_last=self.run.checkpoint.keep_last, protect=(self.resumed_from,),
+            keep_last=self.run.checkpoint.keep_last, protect=(self.resumed_from,), writer=self.checkpoint_writer,
             manifest_info={
                 "step": self.state.step, "consumed_samples": self.state.consumed_samples,
                 "consumed_tokens": self.state.consumed_tokens, "loss": self.state.loss,
                 "layout": self._layout_record(),
-                "precision": self.run.precision, "run_config": dataclasses.asdict(self.run),
+                "precision": self.run.precision, "run_config": to_dict(self.run),
                 "data_manifests": self.data.manifest_checksums(),
                 **launch_dir_record(),  # relative data.paths resolve from it (megamobi.replay, eval, convert)
                 **self.data_provenance.manifest_info(
@@ -443,10 +443,24 @@ class Trainer:
                     end_tokens=self.state.consumed_tokens + (self.total_steps - self.state.step) * self.run.tokens_per_step),
                 **self.schedule_record.manifest_info(),
             })
-        self.logger.info(f"saved checkpoint {path}")
+        self.logger.info(f"saving checkpoint {path} in the background" if self.checkpoint_writer.background
+                         else f"saved checkpoint {path}")
         self.last_checkpoint = path
         self.recovery.saved(self.state.step)
         return path
+
+    def wait_for_checkpoint(self) -> None:
+        """Collective: the last save is complete, published on every rank's word, or this raises."""
+        failed = self.checkpoint_writer.wait()
+        if self.checkpoint_writer.background and self.last_checkpoint is not None:
+            anyone = torch.tensor([0.0 if failed is None else 1.0], device=self.device)
+            dist.all_reduce(anyone, op=dist.ReduceOp.MAX)  # also: rank 0 has published it
+            if anyone.item() and failed is None:
+                failed = RuntimeError("another rank could not write its part (it reported why)")
+            if failed is None:
+                self.logger.info(f"saved checkpoint {self.last_checkpoint}")
+        if failed is not None:
+            raise RuntimeError(f"the last checkpoint ({self.last_checkpoint}) was not saved: {failed}") from failed
 
 
 def _gather_hosts() -> list[str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from deepspeed.utils import (
     safe_get_full_fp32_param,
     safe_get_full_optimizer_state,
@@ -25,12 +26,13 @@ from deepspeed.utils import (
     safe_set_full_optimizer_state,
 )
 
+from megamobi.checkpointing.checkpoint_job import CheckpointJob
 from megamobi.checkpointing.model_files import (
     MODEL_DIR,
     TensorShard,
     read_full_tensors,
     shard_file_name,
-    write_model_shard,
+    shard_metadata,
 )
 from megamobi.parallel.groups import ParallelGroups
 from megamobi.parallel.shard_specs import parameter_shard_specs
@@ -40,17 +42,34 @@ ADAM_STATES = ("exp_avg", "exp_avg_sq")
 OPTIMIZER_DIR = "optimizer"
 
 
-def _full_weight(param: torch.nn.Parameter) -> torch.Tensor:
-    full = safe_get_full_fp32_param(param)  # collective over the data-parallel group under ZeRO
-    return (param.detach().float() if full is None else full).cpu()
+def _whole_fragment(param: torch.nn.Parameter, key: str | None = None) -> torch.Tensor | None:
+    """Under ZeRO-1/2 with one data-parallel rank, the optimizer's flat fp32 partition holds the
+    whole parameter: a view of it (no new memory, no all-reduce), else None."""
+    mapping = getattr(param, "_hp_mapping", None)
+    if (mapping is None or dist.get_world_size(group=param._dp_group) != 1
+            or mapping.lp_fragment_address.numel != param.numel()):
+        return None
+    return mapping.get_hp_fragment(key).view(param.shape)
 
 
-def _full_state(param: torch.nn.Parameter, key: str, *, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-    full = safe_get_full_optimizer_state(param, key)  # collective under ZeRO
+def _full_weight(param: torch.nn.Parameter) -> tuple[torch.Tensor, bool]:
+    """(fp32 weight on the CPU, whether it is a new tensor rather than the live state)."""
+    whole = _whole_fragment(param)
+    if whole is not None:
+        return whole.cpu(), False
+    full = safe_get_full_fp32_param(param)  # collective over the data-parallel group under ZeRO: a new tensor
+    return (param.detach().float() if full is None else full).cpu(), full is not None
+
+
+def _full_state(param: torch.nn.Parameter, key: str, *, optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor, bool]:
+    whole = _whole_fragment(param, key)
+    if whole is not None:
+        return whole.cpu(), False
+    full = safe_get_full_optimizer_state(param, key)  # collective under ZeRO: a new tensor
     if full is None:  # ZeRO-0 (fp32 only): the torch optimizer holds the model's own parameters
         state = optimizer.state.get(param, {})
-        full = state[key] if key in state else torch.zeros_like(param, dtype=torch.float32)
-    return full.detach().float().cpu()
+        return (state[key] if key in state else torch.zeros_like(param, dtype=torch.float32)).detach().float().cpu(), False
+    return full.detach().float().cpu(), True
 
 
 def _link_optimizer_state(engine) -> None:
@@ -70,17 +89,23 @@ def adam_step(optimizer: torch.optim.Optimizer) -> int:
     return steps.pop() if steps else 0
 
 
-def write_portable_state(*, engine, groups: ParallelGroups, optimizer: torch.optim.Optimizer, checkpoint_dir: Path) -> None:
-    """Collective: every rank calls it; data-rank-0 ranks write one file each per kind."""
+def write_portable_state(*, engine, groups: ParallelGroups, optimizer: torch.optim.Optimizer, checkpoint_dir: Path,
+                         job: CheckpointJob) -> None:
+    """Collective: every rank calls it; data-rank-0 ranks add one file each per kind to `job`."""
     _link_optimizer_state(engine)
+    fresh = True  # every tensor gathered anew (ZeRO); False when some are the live ones (ZeRO-0)
     specs = parameter_shard_specs(engine.module, groups)
     weights: dict[str, torch.Tensor] = {}
     states: dict[str, torch.Tensor] = {}
     weight_shards: dict[str, TensorShard] = {}
     state_shards: dict[str, TensorShard] = {}
     for name, param in engine.module.named_parameters():
-        weight = _full_weight(param)
-        moments = {key: _full_state(param, key, optimizer=optimizer) for key in ADAM_STATES}
+        weight, new = _full_weight(param)
+        moments = {}
+        for key in ADAM_STATES:
+            moments[key], new_state = _full_state(param, key, optimizer=optimizer)
+            new = new and new_state
+        fresh = fresh and new
         spec = specs[name]
         # One copy of everything: data rank 0 writes, tensor rank 0 writes what is not split,
         # pipeline stage 0 writes the shared FFN (the other stages hold replicas).
@@ -95,8 +120,9 @@ def write_portable_state(*, engine, groups: ParallelGroups, optimizer: torch.opt
             state_shards[f"{spec.full_key}:{key}"] = shard
     if groups.data_rank == 0:
         file = shard_file_name(tensor_rank=groups.tensor_rank, pipeline_rank=groups.pipeline_rank)
-        write_model_shard(checkpoint_dir / MODEL_DIR / file, tensors=weights, shards=weight_shards)
-        write_model_shard(checkpoint_dir / OPTIMIZER_DIR / file, tensors=states, shards=state_shards)
+        for folder, tensors, shards in ((MODEL_DIR, weights, weight_shards), (OPTIMIZER_DIR, states, state_shards)):
+            job.add_safetensors(checkpoint_dir / folder / file, tensors,
+                                metadata=shard_metadata(tensors=tensors, shards=shards), private=fresh)
 
 
 def _local(full: torch.Tensor, *, spec, groups: ParallelGroups) -> torch.Tensor:

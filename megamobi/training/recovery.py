@@ -276,6 +276,7 @@ class Recovery:
     def _rewind(self, step: int, *, suspect: Suspect, why: str, record: dict[str, Any]) -> None:
         """Collective: restore the newest healthy checkpoint before `step` and continue from it."""
         t = self.trainer
+        t.wait_for_checkpoint()  # a background save still in flight is published (or refused) first
         limit = self.config.max_rewinds
         if self.rewinds >= limit:
             self._event({**record, "action": "stopped (max_rewinds)"}, f"{why}: stopping")

@@ -120,6 +120,9 @@ class CheckpointConfig:
     # A checkpoint (e.g. from `python -m megamobi.convert from-hf`) whose weights start a NEW run;
     # ignored once run_dir has a checkpoint of its own.
     init_from: str | None = None
+    # `checkpoint.async: true`: the step waits only for a copy of the state into CPU memory; the files
+    # are written, hashed and verified in the background, and published only when every rank's are.
+    async_save: bool = dataclasses.field(default=False, metadata={"key": "async"})
 
 
 @dataclasses.dataclass(frozen=True)

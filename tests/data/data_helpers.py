@@ -61,3 +61,9 @@ def run_tool(script: str, *args: str) -> subprocess.CompletedProcess:
 
 def shard_files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.glob("shard_*"))}
+
+
+def shard_file(directory: Path, k: int, suffix: str = "bin") -> Path:
+    """The file of the k-th shard listed in `directory`'s manifest (names follow the input chunks)."""
+    name = json.loads((Path(directory) / "manifest.json").read_text())["shards"][k]["name"]
+    return Path(directory) / f"{name}.{suffix}"

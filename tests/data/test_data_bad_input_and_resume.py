@@ -3,7 +3,7 @@ listed; interrupted runs resume to byte-identical output."""
 import json
 
 import pytest
-from data_helpers import amber_rows, run_tool, shard_files, write_amber, write_lines
+from data_helpers import amber_rows, run_tool, shard_file, shard_files, write_amber, write_lines
 
 GOOD = json.dumps(amber_rows(1)[0])
 _row = amber_rows(1)[0]
@@ -84,28 +84,28 @@ def test_resume_rebuilds_only_what_is_missing(tmp_path):
     expected = shard_files(reference)
     out = tmp_path / "out"
     args = _build(tmp_path, out)
-    # Simulate a crash: manifest gone, progress marked unfinished, shard 3 deleted, a .tmp left.
+    first, third, fourth = (shard_file(out, k) for k in (1, 3, 4))
+    # Simulate a crash: manifest gone, the progress log's last line torn, shard 3 deleted, a .tmp left.
     (out / "manifest.json").unlink()
-    progress = json.loads((out / ".progress.json").read_text())
-    progress["complete"] = False
-    (out / ".progress.json").write_text(json.dumps(progress))
-    (out / "shard_00003.bin").unlink()
-    (out / "shard_00004.bin.tmp").write_bytes(b"partial")
-    kept = (out / "shard_00001.bin").stat().st_mtime_ns
+    log = (out / ".progress.jsonl").read_text().splitlines()
+    (out / ".progress.jsonl").write_text("\n".join(log[:-1]) + "\n" + log[-1][:20])
+    third.unlink()
+    fourth.with_name(fourth.name + ".tmp").write_bytes(b"partial")
+    kept = first.stat().st_mtime_ns
     r = run_tool("preprocess_amber.py", *args)
     assert r.returncode == 0, r.stderr
     assert shard_files(out) == expected
-    assert (out / "shard_00001.bin").stat().st_mtime_ns == kept  # valid shards are not rewritten
+    assert first.stat().st_mtime_ns == kept  # valid shards are not rewritten
     assert not list(out.glob("*.tmp"))
     r = run_tool("preprocess_amber.py", *args)  # complete: nothing to do
-    assert r.returncode == 0 and (out / "shard_00001.bin").stat().st_mtime_ns == kept
+    assert r.returncode == 0 and first.stat().st_mtime_ns == kept
 
 
 def test_truncated_shard_is_rebuilt_and_changed_inputs_refused(tmp_path):
     out = tmp_path / "out"
     args = _build(tmp_path, out)
     expected = shard_files(out)
-    with open(out / "shard_00002.bin", "r+b") as f:
+    with open(shard_file(out, 2, "bin"), "r+b") as f:
         f.truncate(100)
     assert run_tool("preprocess_amber.py", *args).returncode == 0
     assert shard_files(out) == expected
@@ -122,9 +122,9 @@ def test_inspect_shards_verifies_and_shows(tmp_path, tokenizer_path, sp):
     r = run_tool("inspect_shards.py", out, "--tokenizer", tokenizer_path, "--show", 0)
     assert r.returncode == 0 and "all shards verified" in r.stdout and "hello there" in r.stdout
     assert "t " in r.stdout  # per-source totals, source = file stem "t"
-    data = bytearray((out / "shard_00000.bin").read_bytes())
+    data = bytearray(shard_file(out, 0, "bin").read_bytes())
     data[10] ^= 1
-    (out / "shard_00000.bin").write_bytes(bytes(data))
+    shard_file(out, 0, "bin").write_bytes(bytes(data))
     r = run_tool("inspect_shards.py", out)
     assert r.returncode == 1 and "sha256" in r.stderr
 
@@ -172,3 +172,30 @@ def test_kill_9_mid_run_then_rerun_gives_the_same_shards(tmp_path):
     assert r.returncode == 0, r.stderr
     assert shard_files(out) == shard_files(reference)
     assert not list(out.glob("*.tmp"))
+
+
+def test_fast_amber_parser_agrees_with_the_reference_parser():
+    """The msgspec fast path accepts exactly what the strict parser accepts, with the same tokens,
+    and every refusal carries the strict parser's reason and message."""
+    from megamobi.data.line_parsers import AmberLineParser, LineRejected, parse_amber_line
+
+    ids = [1] * 2048
+    lines = [GOOD.encode(), *(b if isinstance(b, bytes) else b.encode() for b, _ in BAD_LINES.values())]
+    lines += [json.dumps(obj).encode() for obj in (
+        {"token_ids": [31999] + ids, "source": "c4", "extra": [1, {"x": None}]},  # unknown fields ignored
+        {"token_ids": [1.0] + ids, "source": "c4"}, {"token_ids": [2 ** 70] + ids, "source": "c4"},
+        {"token_ids": [65536] + ids, "source": "c4"}, {"token_ids": [0] + ids, "source": ""},
+        {"token_ids": [0] + ids, "source": 7}, {"token_ids": "abc", "source": "c4"}, [1, 2])]
+    lines += [b'{"token_ids": [0' + b", 1" * 2048 + b'], "source": "c4", "x": "\xff"}',  # bad UTF-8, skipped field
+              b'  {"source": "w\xc3\xa9", "token_ids":[0' + b",1" * 2048 + b"]}  \n"]
+
+    def outcome(parse, raw):
+        try:
+            tokens, source = parse(raw)
+            return tokens.dtype.name, tokens.tolist(), source
+        except LineRejected as err:
+            return err.reason, err.detail
+
+    fast = AmberLineParser(vocab_size=32000)
+    for raw in lines:
+        assert outcome(fast, raw) == outcome(lambda r: parse_amber_line(r, vocab_size=32000), raw), raw[:80]

@@ -3,7 +3,7 @@ reported as "missing field 'token_ids'"; every manifest records the largest toke
 import json
 
 import numpy as np
-from data_helpers import amber_rows, run_tool, write_amber, write_lines
+from data_helpers import amber_rows, run_tool, shard_file, write_amber, write_lines
 
 
 def _text_lines(docs):
@@ -34,7 +34,7 @@ def test_text_with_a_tokenizer_is_read_as_text(tmp_path, docs, tokenizer_path):
     inferred = json.loads((tmp_path / "inferred" / "manifest.json").read_text())
     explicit = json.loads((tmp_path / "explicit" / "manifest.json").read_text())
     assert inferred["input_format"] == "text" and inferred["shards"] == explicit["shards"]
-    tokens = np.fromfile(tmp_path / "inferred" / "shard_00000.bin", dtype=np.uint16)
+    tokens = np.fromfile(shard_file(tmp_path / "inferred", 0, "bin"), dtype=np.uint16)
     assert inferred["max_token_id"] == int(tokens.max()) < 700
 
 

@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from data_helpers import SEQ_LEN, amber_rows, write_amber
+from data_helpers import SEQ_LEN, amber_rows, shard_file, write_amber
 
 from megamobi.data import DataConfigError, GlobalBatchSampler, ShardError, build_datasets, collate, eval_batches
 from megamobi.data.preprocess import PreprocessOptions, preprocess
@@ -124,22 +124,23 @@ def _copy(directory, tmp_path):
 def test_corrupted_shards_refused(shard_dir, tmp_path):
     directory, _ = shard_dir
     d = _copy(directory, tmp_path)
-    with open(d / "shard_00002.bin", "r+b") as f:
+    damaged = shard_file(d, 2, "bin")
+    with open(damaged, "r+b") as f:
         f.truncate(1000)
-    with pytest.raises(ShardError, match=r"shard_00002.bin: 1000 bytes.*re-run"):
+    with pytest.raises(ShardError, match=rf"{damaged.name}: 1000 bytes.*re-run"):
         build_datasets([d])
     shutil.rmtree(d)
     d = _copy(directory, tmp_path)
-    raw = bytearray((d / "shard_00001.idx").read_bytes())
+    raw = bytearray(shard_file(d, 1, "idx").read_bytes())
     raw[17] = 4  # dtype code int32
-    (d / "shard_00001.idx").write_bytes(bytes(raw))
+    shard_file(d, 1, "idx").write_bytes(bytes(raw))
     with pytest.raises(ShardError, match="dtype code 4"):
         build_datasets([d])
     shutil.rmtree(d)
     d = _copy(directory, tmp_path)
-    raw = bytearray((d / "shard_00000.bin").read_bytes())
+    raw = bytearray(shard_file(d, 0, "bin").read_bytes())
     raw[5] ^= 0xFF
-    (d / "shard_00000.bin").write_bytes(bytes(raw))
+    shard_file(d, 0, "bin").write_bytes(bytes(raw))
     build_datasets([d])  # sizes and headers fine: opens by default
     with pytest.raises(ShardError, match="sha256"):
         build_datasets([d], verify_checksums=True)

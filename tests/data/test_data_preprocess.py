@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from data_helpers import SEQ_LEN, amber_rows, run_tool, shard_files, write_amber, write_lines
+from data_helpers import SEQ_LEN, amber_rows, run_tool, shard_file, shard_files, write_amber, write_lines
 
 from megamobi.data import ShardedDataset
 from megamobi.data.errors import DataConfigError
@@ -25,7 +25,11 @@ def test_amber_round_trip(tmp_path, compression):
     b = write_amber(tmp_path / "b.jsonl", rows[10:], compression=compression)
     manifest = preprocess(_opts([a, b], tmp_path / "out", samples_per_shard=5, chunk_mb=0.02))
     ds = ShardedDataset([tmp_path / "out"])
-    assert len(ds) == 23 and manifest["num_samples"] == 23 and len(manifest["shards"]) == 5
+    assert len(ds) == 23 and manifest["num_samples"] == 23
+    # Each chunk (~20 KB = 2 lines; a compressed file is one chunk) has its own shards of at most
+    # 5 samples, in input order.
+    assert len(manifest["shards"]) == (5 if compression else 14)
+    assert all(s["num_samples"] <= 5 for s in manifest["shards"])
     sources = ds.sample_sources()
     for i, row in enumerate(rows):
         assert ds[i].dtype == np.uint16
@@ -35,14 +39,19 @@ def test_amber_round_trip(tmp_path, compression):
 
 
 def test_output_independent_of_workers(tmp_path):
+    """Workers write whole shards; the manifests of 1, 2 and 3 workers list the same shards, and
+    the token stream they describe is the input's, in input order."""
     rows = amber_rows(40)
     files = [write_amber(tmp_path / f"in{k}.jsonl", rows[k * 10:(k + 1) * 10]) for k in range(4)]
-    outputs = []
-    for workers in (1, 3):
+    outputs, manifests = [], []
+    for workers in (1, 2, 3):
         out = tmp_path / f"out{workers}"
-        preprocess(_opts(files, out, samples_per_shard=7, chunk_mb=0.03, workers=workers))
+        manifests.append(preprocess(_opts(files, out, samples_per_shard=2, chunk_mb=0.03, workers=workers)))
         outputs.append(shard_files(out))
-    assert outputs[0] == outputs[1] and len(outputs[0]) == 18
+        stream = [ShardedDataset([out])[i].tolist() for i in range(40)]
+        assert stream == [row["token_ids"] for row in rows]
+    assert outputs[0] == outputs[1] == outputs[2] and len(outputs[0]) == 3 * 24
+    assert manifests[0]["shards"] == manifests[1]["shards"] == manifests[2]["shards"]
 
 
 def test_text_windowing_and_eos_rule(tmp_path, sp):
@@ -126,7 +135,7 @@ def test_megatron_reader_reads_our_shards(tmp_path):
     # holds torch (other suites' conftest) has crashed on CPU; the child is also closer to real use.
     rows = amber_rows(6)
     preprocess(_opts([write_amber(tmp_path / "a.jsonl", rows)], tmp_path / "out", samples_per_shard=4))
-    r = subprocess.run([sys.executable, "-c", _MEGATRON_READ, str(tmp_path / "out" / "shard_00000")],
+    r = subprocess.run([sys.executable, "-c", _MEGATRON_READ, str(shard_file(tmp_path / "out", 0, "bin"))[:-4]],
                        capture_output=True, text=True, timeout=120)
     if "No module named 'megatron'" in r.stderr:
         pytest.skip("megatron-core not installed; test_independent_idx_reader covers the format")
@@ -139,7 +148,7 @@ def test_independent_idx_reader(tmp_path):
     """Reads .idx/.bin following the published layout only (no megamobi code)."""
     rows = amber_rows(3)
     preprocess(_opts([write_amber(tmp_path / "a.jsonl", rows)], tmp_path / "out"))
-    raw = (tmp_path / "out" / "shard_00000.idx").read_bytes()
+    raw = shard_file(tmp_path / "out", 0, "idx").read_bytes()
     assert raw[:9] == b"MMIDIDX\x00\x00"
     version, code, seqs, docs = struct.unpack_from("<QBQQ", raw, 9)
     assert (version, code, seqs, docs) == (1, 8, 3, 4)
@@ -147,7 +156,7 @@ def test_independent_idx_reader(tmp_path):
     pointers = np.frombuffer(raw, np.int64, seqs, 34 + 4 * seqs)
     doc_idx = np.frombuffer(raw, np.int64, docs, 34 + 12 * seqs)
     assert lengths.tolist() == [SEQ_LEN] * 3 and doc_idx.tolist() == [0, 1, 2, 3]
-    tokens = np.fromfile(tmp_path / "out" / "shard_00000.bin", np.uint16)
+    tokens = np.fromfile(shard_file(tmp_path / "out", 0, "bin"), np.uint16)
     for i in range(3):
         start = pointers[i] // 2
         assert tokens[start:start + lengths[i]].tolist() == rows[i]["token_ids"]
@@ -177,3 +186,26 @@ def test_inputs_from_directory_and_glob(tmp_path):
     m2 = preprocess(_opts([str(tmp_path / "d" / "*.jsonl")], tmp_path / "o2"))
     assert m1["num_samples"] == m2["num_samples"] == 4
     assert ShardedDataset([tmp_path / "o1"])[2].tolist() == rows[2]["token_ids"]
+
+
+def test_text_chunks_keep_their_windows_and_join_their_tails(tmp_path, sp, docs):
+    """Each chunk's windows come first, in input order; the chunks' tails (< 2049 tokens each) are
+    joined into the last shards, so only the final < 2049 tokens are dropped."""
+    parts = [(f"part{k}", docs[k * 30:(k + 1) * 30]) for k in range(5)]
+    files = [write_lines(tmp_path / f"{name}.jsonl", [json.dumps({"text": d}) for d in part]) for name, part in parts]
+    manifest = preprocess(_opts(files, tmp_path / "out", input_format="text",
+                                tokenizer=str(sp_model(sp, tmp_path)), samples_per_shard=4))
+    windows, tails, tail_sources = [], [], []
+    for name, part in parts:
+        stream = [t for d in part for t in sp.encode(d) + [sp.eos_id()]]
+        full = len(stream) // SEQ_LEN * SEQ_LEN
+        windows += [(stream[i:i + SEQ_LEN], name) for i in range(0, full, SEQ_LEN)]
+        tail_sources += [name] * (len(stream) - full)
+        tails += stream[full:]
+    joined = len(tails) // SEQ_LEN
+    windows += [(tails[i * SEQ_LEN:(i + 1) * SEQ_LEN], tail_sources[i * SEQ_LEN]) for i in range(joined)]
+    ds = ShardedDataset([tmp_path / "out"])
+    sources = ds.sample_sources()
+    assert [(ds[i].tolist(), ds.sources[sources[i]]) for i in range(len(ds))] == windows
+    assert manifest["stats"]["dropped_tail_tokens"] == len(tails) - joined * SEQ_LEN
+    assert manifest["shards"][-1]["name"].startswith("shard_tail_") and joined >= 1
