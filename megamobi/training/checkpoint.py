@@ -68,7 +68,7 @@ def find_resume_checkpoint(run_dir: str | Path, *, report) -> Path | None:
     """The newest checkpoint that passes its checksums; broken ones are reported (by rank 0) and
     skipped. Collective when torch.distributed is up: the ranks verify a share of the bytes each."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    candidates = _from_rank0(complete_checkpoints(run_dir) if rank == 0 else None)
+    candidates = from_rank0(complete_checkpoints(run_dir) if rank == 0 else None)
     for candidate in reversed(candidates):
         problems = verify_checkpoint_across_ranks(candidate)
         if not problems:
@@ -92,15 +92,16 @@ def verify_checkpoint_across_ranks(checkpoint: Path) -> list[str]:
             readable = bool(read_manifest(checkpoint))
         except (FileNotFoundError, ValueError):
             readable = False
-    if not _from_rank0(readable):
-        return _from_rank0(verify_checkpoint(checkpoint) if rank == 0 else None)
+    if not from_rank0(readable):
+        return from_rank0(verify_checkpoint(checkpoint) if rank == 0 else None)
     mine = verify_checkpoint(checkpoint, share=(rank, world))
     everyone: list = [None] * world
     dist.all_gather_object(everyone, mine)
     return [problem for problems in everyone for problem in problems]
 
 
-def _from_rank0(value):
+def from_rank0(value):
+    """Rank 0's value (any picklable object: a decision, a path), on every rank."""
     box = [value]
     if dist.is_initialized():
         dist.broadcast_object_list(box, src=0)

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from megamobi.checkpointing.manifest import complete_checkpoints, read_manifest
 from megamobi.parallel.pipeline import sync_shared_ffn_replicas
-from megamobi.training.checkpoint import broadcast_path, load_checkpoint
+from megamobi.training.checkpoint import from_rank0, load_checkpoint
 from megamobi.training.consistency import ReplicaCheck, flip_one_bit
 from megamobi.training.data_provenance import DataProvenance
 from megamobi.training.divergence import LossWindow, NonFiniteLossError, newest_healthy_checkpoint
@@ -271,7 +271,7 @@ class Recovery:
     def _newest_healthy(self, step: int):
         t = self.trainer
         found = newest_healthy_checkpoint(t.run_dir, before_step=step) if t.rank == 0 else None
-        return broadcast_path(found)
+        return from_rank0(found)
 
     def _rewind(self, step: int, *, suspect: Suspect, why: str, record: dict[str, Any]) -> None:
         """Collective: restore the newest healthy checkpoint before `step` and continue from it."""
