@@ -400,9 +400,13 @@ def run_benchmark(args) -> dict:
         raise UsageError(f"--seq {args.seq} is longer than {config.name}'s max_seq_len {config.max_seq_len}")
     if args.trainer and 2048 % args.seq:
         raise UsageError(f"--trainer needs a --seq that divides 2048 (shard samples), got {args.seq}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but torch sees no GPU")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from megamobi.cli_support import UserError
+    from megamobi.devices import check_device
+
+    try:
+        device = torch.device(check_device(args.device))
+    except UserError as err:
+        raise UsageError(str(err)) from None
     if device.type == "cuda":
         torch.cuda.set_device(0)
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")

@@ -92,6 +92,14 @@ def init_distributed(*, rendezvous_timeout: float | None = None,
         os.environ.setdefault(key, default)
     os.environ.setdefault("MASTER_PORT", "29500")
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():  # more ranks than GPUs on this node: say so before anyone waits for this rank
+        from megamobi.cli_support import UserError
+        from megamobi.devices import check_local_rank_device
+
+        try:
+            check_local_rank_device(int(os.environ["LOCAL_RANK"]))
+        except UserError as err:
+            raise RendezvousError(str(err)) from None
     store = rendezvous(host=os.environ["MASTER_ADDR"], port=int(os.environ["MASTER_PORT"]), rank=rank,
                        world_size=world_size, timeout_s=rendezvous_timeout_s(rendezvous_timeout),
                        collective_timeout_s=collective_timeout)

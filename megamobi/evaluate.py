@@ -63,14 +63,19 @@ def select_samples(*, manifest: dict, checkpoint: str, data: list[str] | None, s
     if split != "all" and recorded is None:
         raise UserError(f"--split {split}: {checkpoint} records no run data config (e.g. a `convert from-hf` import); "
                         "use --data DIR --split all")
-    paths = data if data else (recorded or {}).get("paths")
+    if data:
+        paths = data
+    else:  # relative paths as the run saw them: from here, else from its launch directory
+        from megamobi.checkpointing.recorded_paths import recorded_data_paths
+
+        paths = [str(p) for p in recorded_data_paths(manifest)]
     if not paths:
         raise UserError("give --data (shard directories), or --split val|train to use the run's recorded data")
     for path in paths:
         if Path(path).is_file():
             raise UserError(f"--data {path}: is a file; give the shard directory (the one holding manifest.json)")
         if not Path(path).is_dir():
-            how = "" if data else " (recorded in the checkpoint; run from the run's directory or give --data)"
+            how = "" if data else " (recorded in the checkpoint: moved since, or run from another directory; give --data)"
             raise UserError(f"--data {path}: no such directory{how}")
     try:
         base = ShardedDataset(paths)
@@ -154,16 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=positive_int, default=None,
                         help="window length (default: the run's batch.seq_len, else the model's max_seq_len)")
     parser.add_argument("--batch", type=positive_int, default=4, help="windows per forward pass")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    import torch
+    from megamobi.devices import check_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        torch.device(device)
-    except RuntimeError:
-        return fail(f"--device {device!r}: not a torch device; use cpu, cuda or cuda:N")
+        device = check_device(args.device)
+    except UserError as err:
+        return fail(err)
     split = args.split or ("all" if args.data else "val")
     try:
         result = evaluate(checkpoint=args.checkpoint, data=args.data, split=split, samples=args.samples,

@@ -4,7 +4,7 @@
     1    a failure (a bug, a crashed rank): read the log above the last line
     2    a user error caught before any work (config, data, launch environment, rendezvous)
     3    training stopped on repeated non-finite losses (train.max_bad_steps)
-    75   stopped early by a signal (SLURM's time-limit warning SIGUSR1, SIGTERM) after a clean
+    75   stopped early by a signal (SLURM's time-limit warning SIGUSR1, SIGTERM, SIGINT) after a clean
          checkpoint save: run the same command again (or let `scontrol requeue` do it) to continue
     76   hung: no progress for launch.hang_timeout_s (the job requeued itself under SLURM with
          launch.requeue), or a SIGTERM that could not be honoured within launch.stop_grace_s; stacks

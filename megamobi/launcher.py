@@ -4,7 +4,8 @@ Under SLURM, `srun --ntasks-per-node=1` runs `python -m megamobi.launcher node R
 every node. Each reads SLURM's own variables (no scontrol, ssh, pdsh or hostfile needed), takes the
 first node as master and starts this node's ranks, each `python -u -m megamobi.pretrain
 --local_rank=K --config RUN.yaml ...` with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT set, as
-DeepSpeed's per-node launcher would. Outside SLURM it starts NPROC_PER_NODE ranks on this machine.
+DeepSpeed's per-node launcher would. Outside SLURM it starts NPROC_PER_NODE ranks on this machine, on
+MASTER_PORT or else a free port (as `torchrun --standalone` does), so two local runs never collide.
 
     python -m megamobi.launcher plan RUN.yaml [overrides]    # print what every node would run
     python -m megamobi.launcher node RUN.yaml [overrides]    # run this node's ranks
@@ -12,7 +13,8 @@ DeepSpeed's per-node launcher would. Outside SLURM it starts NPROC_PER_NODE rank
 
 Unlike DeepSpeed's per-node launcher (which kills its ranks 30 s after a SIGTERM), this one forwards
 SIGTERM and SIGUSR1 to its ranks and waits for them however long their checkpoint takes; SIGUSR1 is
-SLURM's time-limit warning. Exit status: the ranks' (see megamobi/exit_codes.py).
+SLURM's time-limit warning. Exit status: the ranks' (see megamobi/exit_codes.py); after a failure the
+last line names the rank that failed first and why (megamobi/rank_failure.py).
 
 Global ranks follow DeepSpeed: node n runs ranks n*G .. n*G+G-1 (G processes per node), local
 rank = rank - n*G.
@@ -24,12 +26,14 @@ import dataclasses
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 from megamobi.config_io import ConfigError
 from megamobi.exit_codes import FAILED, STOPPED_AFTER_SAVE, USAGE
+from megamobi.rank_failure import RankStderr, failure_line
 
 
 class LaunchError(ConfigError):
@@ -112,10 +116,19 @@ def _procs_per_node(env: dict[str, str]) -> int:
     return _cuda_devices() or 2  # CPU: two processes, enough to exercise data parallelism
 
 
-def _port(env: dict[str, str], default: int) -> int:
+def free_local_port() -> int:
+    """A port nobody listens on now, the kernel's choice (what `torchrun --standalone` does); rank 0
+    binds it within seconds, a race as small as torchrun's."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
+def _port(env: dict[str, str], default) -> int:
+    """MASTER_PORT when set, else default() (only called when needed)."""
     raw = env.get("MASTER_PORT")
     if not raw:
-        return default
+        return default()
     if not raw.isdigit() or not 0 < int(raw) < 65536:
         raise LaunchError(f"MASTER_PORT={raw!r} must be a TCP port number (1-65535)")
     return int(raw)
@@ -127,7 +140,7 @@ def plan_from_env(env: dict[str, str] | None = None) -> NodePlan:
     procs = _procs_per_node(env)
     if not slurm:
         return NodePlan(hosts=["localhost"], node_rank=0, procs_per_node=procs, master_addr="127.0.0.1",
-                        master_port=_port(env, 29500), slurm=False)
+                        master_port=_port(env, free_local_port), slurm=False)
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
         raise LaunchError("SLURM_JOB_ID is set but SLURM_JOB_NODELIST is not; run inside an allocation "
@@ -140,7 +153,7 @@ def plan_from_env(env: dict[str, str] | None = None) -> NodePlan:
     if not 0 <= node_rank < len(hosts):
         raise LaunchError(f"SLURM_NODEID={env.get('SLURM_NODEID')!r} is not a node of {nodelist} ({len(hosts)} hosts)")
     return NodePlan(hosts=hosts, node_rank=node_rank, procs_per_node=procs, master_addr=env.get("MASTER_ADDR") or hosts[0],
-                    master_port=_port(env, slurm_master_port(env["SLURM_JOB_ID"])), slurm=True)
+                    master_port=_port(env, lambda: slurm_master_port(env["SLURM_JOB_ID"])), slurm=True)
 
 
 def print_plan(plan: NodePlan, *, python: str, run_config: str, overrides: list[str]) -> None:
@@ -166,13 +179,17 @@ class NodeRanks:
         # Own session: a Ctrl-C in the terminal reaches the launcher only, which asks the ranks to save.
         self.procs = [subprocess.Popen(plan.rank_command(k, python=python, run_config=run_config, overrides=overrides),
                                        env={**env, **plan.rank_env(k)}, start_new_session=True,
-                                       preexec_fn=_ignore_usr1)
+                                       preexec_fn=_ignore_usr1, stderr=subprocess.PIPE)
                       for k in range(plan.procs_per_node)]
+        self.stderr = [RankStderr(proc.stderr) for proc in self.procs]  # passed through; the last lines kept
+        self.global_ranks = plan.global_ranks
+        self.first_failure: int | None = None
         self.interrupts = 0
         self.first_interrupt = 0.0
 
     def forward(self, signum, frame) -> None:
-        """SIGTERM / SIGUSR1 / SIGINT reach every rank; each saves a checkpoint and exits. No deadline
+        """SIGTERM / SIGUSR1 / SIGINT reach every rank as they are (the log names the signal the user
+        sent); each saves a checkpoint and exits. No deadline
         here: under SLURM the job's KillWait (or the time limit) is the only bound. A second Ctrl-C
         kills the ranks (the save in progress is abandoned; the previous checkpoint stays intact)."""
         if signum == signal.SIGINT:
@@ -191,7 +208,7 @@ class NodeRanks:
                 if signum == signal.SIGINT and self.interrupts > 1:
                     proc.kill()
                 else:
-                    proc.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+                    proc.send_signal(signum)
 
     def wait(self) -> int:
         codes: dict[int, int] = {}
@@ -204,10 +221,17 @@ class NodeRanks:
             time.sleep(0.2)
         failures = [c for c in codes.values() if c not in (0, STOPPED_AFTER_SAVE)]
         if failures:
-            return failures[0]
+            first = self.first_failure if self.first_failure is not None else next(
+                k for k, c in codes.items() if c not in (0, STOPPED_AFTER_SAVE))
+            print(failure_line(local_rank=first, rank=self.global_ranks[first], status=codes[first],
+                               last_line=self.stderr[first].last_line(), others=len(self.procs) - 1),
+                  file=sys.stderr, flush=True)
+            return codes[first]
         return STOPPED_AFTER_SAVE if STOPPED_AFTER_SAVE in codes.values() else 0
 
     def _stop_after_failure(self, *, failed: int) -> None:
+        if self.first_failure is None:
+            self.first_failure = failed
         print(f"megamobi.launcher: local rank {failed} exited with status {_exit_status(self.procs[failed].returncode)}; "
               "stopping this node's other ranks", file=sys.stderr, flush=True)
         for proc in self.procs:

@@ -5,9 +5,12 @@
     python -m megamobi.plot runs/x --eval runs/x/eval.csv               # + benchmark scores vs tokens
 
 One PNG per figure, several runs on the same axes (one colour each): loss.png (training and validation
-loss against tokens, log x), lr.png (both with a dotted line where each data stage after the first begins), grad_norm.png, throughput.png (tokens/s and MFU against steps;
-MFU is n/a on CPU or without logging.peak_tflops) and, with --eval, benchmarks.png (`python -m
-megamobi.eval --checkpoints RUN_DIR` writes eval.csv). matplotlib's Agg backend: no display needed.
+loss against tokens, log x), lr.png (both with a dotted line where each data stage after the first
+begins), grad_norm.png, throughput.png (tokens/s against steps, and MFU when a run logged it: a CPU
+run or one without logging.peak_tflops has no GPU peak, and the figure says so once instead of
+drawing an empty panel) and, with --eval, benchmarks.png (`python -m megamobi.eval --checkpoints
+RUN_DIR` writes eval.csv: one line per run and setting, never mixed). Every input is read and checked
+before any PNG is written. matplotlib's Agg backend: no display needed.
 """
 
 from __future__ import annotations
@@ -55,16 +58,64 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return sorted(rows, key=lambda r: r.get("step", 0))
 
 
-def read_eval_csv(path: Path) -> list[dict[str, str]]:
+EVAL_SETTINGS = ("num_fewshot", "limit", "lm_eval", "task_version")  # with the task: one series never mixes them
+
+
+def _number(text: str, *, where: str, column: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise PlotError(f"{where}: column {column}: {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise PlotError(f"{where}: column {column}: {text} is not a finite number")
+    return value
+
+
+def read_eval_csv(path: Path) -> list[dict]:
+    """eval.csv rows as {"tokens", "task", "settings", "metrics": {name: value}}; a PlotError naming
+    the file, line and column for anything that is not what megamobi.eval --checkpoints writes."""
     if not path.exists():
         raise PlotError(f"--eval {path}: no such file")
     if path.is_dir():
         raise PlotError(f"--eval {path}: is a directory; pass the eval.csv file")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "tokens" not in rows[0]:
-        raise PlotError(f"--eval {path}: no rows with a tokens column (written by python -m megamobi.eval --checkpoints)")
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            lines = list(reader)
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise PlotError(f"--eval {path}: not a CSV file ({err})") from None
+    if "tokens" not in header or "task" not in header:
+        old = "tokens" in header and any("/" in c for c in header)
+        raise PlotError(f"--eval {path}: " + ("written by an older megamobi.eval (one column per task metric, without "
+                                              "the settings of each number); re-run python -m megamobi.eval --checkpoints"
+                                              if old else "no tokens and task columns (written by python -m "
+                                              "megamobi.eval --checkpoints)"))
+    from megamobi.eval.sweep import FIXED_COLUMNS
+
+    metrics = [c for c in header if c not in FIXED_COLUMNS and not c.endswith("_stderr")]
+    if not metrics:
+        raise PlotError(f"--eval {path}: no metric column (acc, acc_norm, ...): nothing to plot")
+    rows = []
+    for number, line in enumerate(lines, start=2):
+        where = f"--eval {path}:{number}"
+        if None in line:
+            raise PlotError(f"{where}: more cells than the header has columns")
+        if not (line.get("task") or "").strip():
+            raise PlotError(f"{where}: column task: empty")
+        values = {m: _number(line[m], where=where, column=m) for m in metrics if (line.get(m) or "").strip()}
+        rows.append({"tokens": _number(line.get("tokens") or "", where=where, column="tokens"), "task": line["task"],
+                     "settings": tuple((s, line.get(s) or "") for s in EVAL_SETTINGS), "metrics": values})
+    if not any(r["metrics"] for r in rows):
+        raise PlotError(f"--eval {path}: no metric values in any row: nothing to plot")
     return rows
+
+
+def _settings_text(settings: tuple[tuple[str, str], ...]) -> str:
+    s = dict(settings)
+    parts = [f"{s['num_fewshot']}-shot" if s["num_fewshot"] else "", f"limit {s['limit']}" if s["limit"] else "",
+             f"lm-eval {s['lm_eval']}" if s["lm_eval"] else "", f"task v{s['task_version']}" if s["task_version"] else ""]
+    return ", ".join(p for p in parts if p)
 
 
 def _series(rows: list[dict], x: str, y: str) -> tuple[list[float], list[float]]:
@@ -112,13 +163,10 @@ def _save(fig, path: Path, written: list[Path]) -> None:
     written.append(path)
 
 
-def _benchmark_column(column: str) -> bool:
-    """eval.csv columns worth a panel: every metric of a custom task, the headline metric of a paper task."""
-    if column in ("step", "tokens", "checkpoint") or "/" not in column:
-        return False
+def _benchmark_panel(task: str, metric: str) -> bool:
+    """Worth a panel: every metric of a custom task, the headline metric of a paper task."""
     from megamobi.eval.suite import suite_task
 
-    task, metric = column.split("/", 1)
     entry = suite_task(task)
     return entry is None or entry.metric == metric
 
@@ -162,22 +210,26 @@ def plot_runs(runs: dict[str, list[dict]], *, output: Path, evals: dict[str, lis
         _save(fig, output / file_name, written)
         plt.close(fig)
 
-    fig, axes = _figure(plt, rows=2)
-    top, bottom = axes[0][0], axes[1][0]
-    missing_mfu = []
+    # MFU needs the GPU's peak (logging.peak_tflops, or one detected on a GPU): without it there is no
+    # MFU panel at all, and the throughput title says so once.
+    missing_mfu = [name for name, rows in runs.items() if not _series(rows, "step", "mfu")[0]]
+    with_mfu = len(missing_mfu) < len(runs)
+    fig, axes = _figure(plt, rows=2 if with_mfu else 1)
+    top = axes[0][0]
     for name, rows in runs.items():
         top.plot(*_series(rows, "step", "tokens_per_s"), color=color[name], label=name)
-        xs, ys = _series(rows, "step", "mfu")
-        if xs:
-            bottom.plot(xs, [100 * y for y in ys], color=color[name], label=name)
-        else:
-            missing_mfu.append(name)
-    top.set(xlabel="step", ylabel="tokens/s (all devices)", title="throughput")
-    bottom.set(xlabel="step", ylabel="MFU %", title="model FLOPs utilisation")
-    if missing_mfu:
-        bottom.text(0.5, 0.5, f"MFU n/a for {', '.join(missing_mfu)}\n(CPU run, or logging.peak_tflops not set)",
-                    ha="center", va="center", transform=bottom.transAxes)
-    for ax in (top, bottom):
+    no_peak = f"MFU n/a for {', '.join(missing_mfu)}: no GPU peak known (CPU run, or logging.peak_tflops not set)"
+    top.set(xlabel="step", ylabel="tokens/s (all devices)", title="throughput" + ("" if with_mfu else f"\n{no_peak}"))
+    panels = [top]
+    if with_mfu:
+        bottom = axes[1][0]
+        for name, rows in runs.items():
+            xs, ys = _series(rows, "step", "mfu")
+            if xs:
+                bottom.plot(xs, [100 * y for y in ys], color=color[name], label=name)
+        bottom.set(xlabel="step", ylabel="MFU %", title="model FLOPs utilisation" + (f"\n{no_peak}" if missing_mfu else ""))
+        panels.append(bottom)
+    for ax in panels:
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
@@ -185,9 +237,11 @@ def plot_runs(runs: dict[str, list[dict]], *, output: Path, evals: dict[str, lis
     plt.close(fig)
 
     if evals:
-        columns = []
+        columns = []  # (task, metric) per panel, in the order met
         for rows in evals.values():
-            columns += [c for c in rows[0] if _benchmark_column(c) and c not in columns]
+            for r in rows:
+                columns += [(r["task"], m) for m in r["metrics"]
+                            if _benchmark_panel(r["task"], m) and (r["task"], m) not in columns]
         # Up to two panels stacked at the usual size; more in a grid of three per row, 350 px high each.
         ncols = 1 if len(columns) <= 2 else 3
         nrows = max(1, math.ceil(len(columns) / ncols))
@@ -196,12 +250,21 @@ def plot_runs(runs: dict[str, list[dict]], *, output: Path, evals: dict[str, lis
         panels = [ax for row in axes for ax in row]
         for ax in panels[len(columns):]:
             ax.set_visible(False)
-        for ax, column in zip(panels, columns):
+        for ax, (task, metric) in zip(panels, columns):
+            # One line per run and settings (shots, limit, lm-eval and task version): never mixed.
+            series: dict[tuple, list[tuple[float, float]]] = {}
             for name, rows in evals.items():
-                points = [(float(r["tokens"]), 100 * float(r[column])) for r in rows if r.get(column) not in (None, "")]
-                if points:
-                    ax.plot(*zip(*points), "o-", color=color.get(name, colors[len(color) % len(colors)]), label=name)
-            ax.set(xlabel="training tokens", ylabel="score %", title=column)
+                for r in rows:
+                    if r["task"] == task and metric in r["metrics"]:
+                        series.setdefault((name, r["settings"]), []).append((r["tokens"], 100 * r["metrics"][metric]))
+            settings = {key[1] for key in series}
+            styles = {s: style for s, style in zip(sorted(settings), ("o-", "s--", "^:", "d-.") * len(settings))}
+            for (name, setting), points in series.items():
+                label = name if len(settings) == 1 else f"{name} ({_settings_text(setting)})"
+                ax.plot(*zip(*sorted(points)), styles[setting], label=label,
+                        color=color.get(name, colors[len(color) % len(colors)]))
+            title = f"{task}/{metric}" + (f"\n{_settings_text(next(iter(settings)))}" if len(settings) == 1 else "")
+            ax.set(xlabel="training tokens", ylabel="score %", title=title)
             ax.grid(True, alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize="small")

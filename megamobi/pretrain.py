@@ -42,7 +42,40 @@ def quiet_known_noise() -> None:
     ds_logger.setLevel(max(ds_logger.level, logging.WARNING))
 
 
+def already_complete(run) -> str | None:
+    """The one line for a relaunch of a finished run (its newest checkpoint holds the last step, all
+    its files present at their recorded sizes), or None when there is training left to do."""
+    import os
+    from pathlib import Path
+
+    from megamobi.checkpointing.manifest import read_manifest
+    from megamobi.training.preflight import newest_own_checkpoint
+
+    newest = newest_own_checkpoint(run.run_dir) if run.checkpoint.resume else None
+    if newest is None:
+        return None
+    try:
+        manifest = read_manifest(newest)
+        step, files = manifest.get("step"), manifest.get("files") or {}
+        whole = all(os.path.getsize(newest / name) == entry["bytes"] for name, entry in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # damaged: the Trainer falls back to an earlier checkpoint and trains on from there
+    if not isinstance(step, int) or step < run.total_steps or not whole:
+        return None
+    return (f"megamobi: {run.run_dir} is already complete: {Path(newest).name} holds step {step} of the run's "
+            f"{run.total_steps}; nothing to train (raise train.steps or train.tokens to train further)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one: no traceback
+        print("megamobi: interrupted (SIGINT) without a save; the newest complete checkpoint in run_dir is intact",
+              file=sys.stderr, flush=True)
+        return 130  # 128 + SIGINT, as a shell reports it
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     from megamobi.data import DataError
     from megamobi.distributed import launch_world_size
@@ -69,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # MEGAMOBI_FAULTS (tests and drills): a bad string fails here, naming the wrong part.
         check_faults_for_run(faults_from_env(), world_size=world_size, total_steps=run.total_steps)
+        finished = already_complete(run)
     except (ConfigError, DataError) as err:
         print(f"megamobi: error: {err}", file=sys.stderr)
         return 2
@@ -80,6 +114,14 @@ def main(argv: list[str] | None = None) -> int:
             print(line)
         for change in accepted:
             print(f"on resume, accepted and recorded: {change}")
+        if finished:
+            print(finished)  # last: launch/pretrain.sh shows this line alone and starts no rank
+        return 0
+    if finished:  # a relaunch of a finished run (a requeue, a re-run script): say so, start no process group
+        import os
+
+        if os.environ.get("RANK", "0") == "0":
+            print(finished, flush=True)
         return 0
 
     from megamobi.distributed import init_distributed

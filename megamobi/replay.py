@@ -83,12 +83,20 @@ def _tokenizer(args, replay):
 
     path = args.tokenizer
     if path is None:
+        from megamobi.checkpointing.recorded_paths import resolve_recorded, where_to_run
         from megamobi.data.replay import ReplayError
 
         directory = replay.segments[-1].data["paths"][0]
-        recorded = json.loads((Path(directory) / "manifest.json").read_text()).get("tokenizer") or {}
+        manifest = resolve_recorded(directory, launch_dir=replay.launch_dir) / "manifest.json"
+        try:
+            recorded = json.loads(manifest.read_text()).get("tokenizer") or {}
+        except FileNotFoundError:
+            raise ReplayError(f"{directory}: no manifest.json (the run's data, whose manifest names its tokenizer; "
+                              f"{where_to_run(directory, launch_dir=replay.launch_dir)}); or give --tokenizer SP.model") from None
+        except (OSError, ValueError, AttributeError) as err:
+            raise ReplayError(f"{manifest}: unreadable ({err}); give --tokenizer SP.model") from None
         if not recorded.get("path") or not Path(recorded["path"]).is_file():
-            raise ReplayError(f"{directory}/manifest.json records no tokenizer file that exists here; give --tokenizer SP.model")
+            raise ReplayError(f"{manifest} records no tokenizer file that exists here; give --tokenizer SP.model")
         path = Path(recorded["path"])
     try:
         return sentencepiece.SentencePieceProcessor(model_file=str(path))

@@ -78,6 +78,10 @@ def world(tmp_path_factory, token_shards):
         "run_dir": str(root / "fresh-run"), "model": MODEL, "data": {"paths": [str(token_shards)]},
         "batch": {"micro_batch_size": 2, "global_batch_size": 8, "seq_len": 32},
         "optimizer": {"warmup_steps": 1}, "train": {"steps": 4}, "precision": "fp32"}))
+    (root / "named.yaml").write_text(yaml.safe_dump({  # names its model: `model: tiny` (configs/tiny.yaml)
+        "run_dir": str(root / "named-run"), "model": "tiny", "data": {"paths": [str(token_shards)]},
+        "batch": {"micro_batch_size": 2, "global_batch_size": 8, "seq_len": 32}, "optimizer": {"warmup_steps": 1},
+        "train": {"steps": 4}, "precision": "fp32"}))
     (root / "bad.yaml").write_text("name: [unclosed\n")
     (root / "typo.yaml").write_text(yaml.safe_dump({**MODEL, "hiden_size": 32}))
     (root / "negative.yaml").write_text(yaml.safe_dump({**MODEL, "num_layers": -1}))
@@ -123,6 +127,15 @@ CASES = [
     (PRETRAIN, ["checkpoint.init_from={shards}/manifest.json"], "is a file; give a checkpoint directory"),
     (PRETRAIN, ["model={name: t, hiden_size: 3}"], "unknown key(s) 'hiden_size'"),
     (PRETRAIN, ["data.paths=[{shards}/manifest.json]"], "manifest.json is a file; give the shard directory"),
+    (PRETRAIN, ["data.paths=[{root}/no-such-shards]"], "data.paths: {root}/no-such-shards does not exist"),
+    (PRETRAIN, ["data.paths=[no-such-shards]"],
+     f"data.paths: no-such-shards does not exist (relative paths are read from the current directory, {REPO_ROOT})"),
+    (PRETRAIN, ["model.activation_checkpointing=sometimes"], "activation_checkpointing must be one of none, full"),
+    # model.* overrides of a config that names its model (the last --config wins): issue 20 case 6
+    (PRETRAIN, ["--config", "{root}/named.yaml", "model.activation_checkpointing=sometimes"],
+     "activation_checkpointing must be one of none, full, selective"),
+    (PRETRAIN, ["--config", "{root}/named.yaml", "model.hiden_size=8"], "unknown key(s) 'hiden_size'"),
+    (PRETRAIN, ["--config", "{root}/named.yaml", "model.activation_checkpointing={a: 1}"], "got {'a': 1}"),
     (PRETRAIN, ["optimizer.lr=[1,"], "override 'optimizer.lr=[1,': the value is not valid YAML"),
     (PRETRAIN, ["run_dir={run_dir}", "model={model_other}"], "holds a different model: hidden_size 32 (checkpoint) vs 64"),
     (PRETRAIN, ["run_dir={run_dir}", "batch.global_batch_size=6", "batch.micro_batch_size=1"],
@@ -200,7 +213,9 @@ CASES = [
     ("megamobi.evaluate:main", ["--checkpoint", "{ckpt}", "--data", "{shards}", "--seq-len", "48"], "--seq-len 48 must divide"),
     ("megamobi.evaluate:main", ["--checkpoint", "{ckpt}", "--data", "{shards}", "--seq-len", "128"], "longer than the model's"),
     ("megamobi.evaluate:main", ["--checkpoint", "{ckpt}", "--split", "val"], "--split val: "),
-    ("megamobi.evaluate:main", ["--checkpoint", "{ckpt}", "--data", "{shards}", "--device", "toaster"], "--device 'toaster'"),
+    ("megamobi.evaluate:main", ["--checkpoint", "{ckpt}", "--data", "{shards}", "--device", "toaster"],
+     "--device toaster: unknown device; use cpu, cuda or cuda:N"),
+    ("megamobi.evaluate:main", ["--checkpoint", "{ckpt}", "--data", "{shards}", "--device", "cuda:-1"], "--device cuda:-1"),
     # megamobi.generate
     ("megamobi.generate:main", ["--checkpoint", "{ckpt}", "--tokenizer", "{root}/none.model"], "--tokenizer {root}/none.model: file not found"),
     ("megamobi.generate:main", ["--checkpoint", "{ckpt}", "--tokenizer", "{shards}/manifest.json"], "not a SentencePiece model"),
@@ -219,7 +234,17 @@ CASES = [
     ("megamobi.plan.__main__:main", ["--config", "{run_yaml}", "--nodes", "1", "--gpus-per-node", "2", "--gpu", "b200"], "argument --gpu"),
     ("megamobi.plan.__main__:main", ["--config", "{run_yaml}", "--nodes", "1", "--gpus-per-node", "2", "--gpu", "h100-80gb", "--for-run", "{run_yaml}"], "not a directory"),
     # megamobi.convert
-    ("megamobi.convert.__main__:main", ["to-gguf", "--checkpoint", "{ckpt}", "--output", "{root}/a-dir", "--overwrite"], "is a directory"),
+    ("megamobi.convert.__main__:main", ["to-gguf", "--checkpoint", "{ckpt}", "--output", "{root}/a-dir", "--overwrite",
+                                        "--no-tokenizer"], "is a directory"),
+    # Issue 20 case 12: no tokenizer given and none named by the checkpoint's training data: say what to pass.
+    ("megamobi.convert.__main__:main", ["to-hf", "--checkpoint", "{ckpt}", "--output", "{root}/hf-none"],
+     "names no tokenizer file that still exists (Amber data, a from-hf import, or moved files); pass --tokenizer"),
+    ("megamobi.convert.__main__:main", ["to-gguf", "--checkpoint", "{ckpt}", "--output", "{root}/none.gguf"],
+     "or --no-tokenizer to export token ids only"),
+    ("megamobi.convert.__main__:main", ["to-hf", "--checkpoint", "{ckpt}", "--output", "{root}/hf-x", "--tokenizer",
+                                        "{tok400}", "--no-tokenizer"], "not allowed with argument --tokenizer"),
+    ("megamobi.convert.__main__:main", ["to-gguf", "--checkpoint", "{ckpt}", "--output", "{root}/x.gguf",
+                                        "--no-tokenizer", "yes"], "unrecognized arguments: yes"),
     ("megamobi.convert.__main__:main", ["from-hf", "--model", "{root}/a-dir", "--output", "{ckpt}"], "pass --overwrite"),
     ("megamobi.convert.__main__:main", ["from-hf", "--model", "{root}/a-dir", "--output", "{shards}"], "not an empty directory"),
     ("megamobi.convert.__main__:main", ["to-hf", "--checkpoint", "{run_dir}", "--output", "{root}/hf"],
@@ -242,7 +267,8 @@ SUBPROCESS_CASES = [
     (["-m", "megamobi.evaluate", "--checkpoint", "{ckpt}", "--data", "{shards}", "--seq-len", "48"], "--seq-len 48"),
     (["-m", "megamobi.generate", "--checkpoint", "{ckpt}", "--tokenizer", "{root}/none.model"], "--tokenizer"),
     (["-m", "megamobi.checkpoints", "{ckpt}"], "it is a checkpoint"),
-    (["-m", "megamobi.convert", "to-gguf", "--checkpoint", "{ckpt}", "--output", "{root}/a-dir", "--overwrite"], "is a directory"),
+    (["-m", "megamobi.convert", "to-gguf", "--checkpoint", "{ckpt}", "--output", "{root}/a-dir", "--overwrite",
+      "--no-tokenizer"], "is a directory"),
     (["data_tools/preprocess_amber.py", "--input", "x", "--output", "{root}/o", "--chunk-mb", "0"], "--chunk-mb"),
     (["data_tools/inspect_shards.py", "{shards}/manifest.json"], "is a file"),
     (["data_tools/train_tokenizer.py", "--input", "{root}/corpus.txt", "--output", "{root}/toks/"], "--output"),
@@ -321,3 +347,56 @@ def test_a_tokenizer_smaller_than_the_vocabulary_decodes_every_sampled_id(world)
                                "--tokenizer", str(world["tok400"]), "--max-new-tokens", "40", "--temperature",
                                temperature, "--top-k", "500"], cwd=REPO_ROOT, capture_output=True, text=True, env=_env())
         assert proc.returncode == 0 and proc.stdout.startswith("The"), proc.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_a_cuda_device_on_a_cpu_machine_is_one_line(world):
+    """Issue 20 case 8: `--device cuda` where torch has no CUDA is one line from every tool that takes a
+    device (megamobi/devices.py), not torch's AssertionError."""
+    tools = [["-m", "megamobi.evaluate", "--checkpoint", str(world["ckpt"]), "--data", str(world["shards"])],
+             ["-m", "megamobi.eval", "--checkpoint", str(world["ckpt"]), "--tokenizer", str(world["tok400"])],
+             ["bench/throughput.py", "--config", "configs/tiny.yaml"]]
+
+    def run(argv):
+        return subprocess.run([sys.executable, *argv, "--device", "cuda"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=300, env=_env())
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        for proc in pool.map(run, tools):
+            assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+            assert "--device cuda: no CUDA device on this machine" in proc.stderr and "use --device cpu" in proc.stderr
+
+
+def _pretrain(*args, cwd=REPO_ROOT):
+    return subprocess.run([sys.executable, "-m", "megamobi.pretrain", "--check-only", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300, env={**_env(), "WORLD_SIZE": "1"})
+
+
+def test_model_overrides_apply_to_a_named_model(world):
+    """Issue 20 case 6: `model: tiny` (a name in configs/) and model.activation_checkpointing=selective
+    (its bad values: the table above)."""
+    from megamobi.training.run_config import load_run_config
+
+    named = world["root"] / "named.yaml"
+    ok = _pretrain("--config", named, "model.activation_checkpointing=selective", "model.rms_norm_eps=1.0e-6")
+    assert ok.returncode == 0 and "is valid for 1 process(es)" in ok.stdout, ok.stderr
+    run = load_run_config(named, ["model.activation_checkpointing=selective", "model.rms_norm_eps=1.0e-6"])
+    assert (run.model_config.name, run.model_config.activation_checkpointing, run.model_config.rms_norm_eps) == (
+        "tiny", "selective", 1e-6)
+
+
+def test_relaunching_a_finished_run_says_so_in_one_line(world):
+    """Issue 20 case 13: a run whose newest checkpoint holds its last step: one line, exit 0, and
+    launch/pretrain.sh starts no rank (no process group, no rank's output)."""
+    args = ["run_dir=" + str(world["run_dir"]), "train.steps=2"]
+    line = (f"megamobi: {world['run_dir']} is already complete: step_0000002 holds step 2 of the run's 2; nothing to "
+            "train (raise train.steps or train.tokens to train further)")
+    checked = _pretrain("--config", world["run_yaml"], *args)
+    assert checked.returncode == 0 and checked.stdout.strip().splitlines()[-1] == line, checked.stdout + checked.stderr
+    assert "is valid for 1 process(es)" in checked.stdout  # --check-only still checks and shows the schedule
+    env = {k: v for k, v in _env().items() if not k.startswith(("SLURM_", "MASTER_", "WORLD_SIZE"))}
+    launched = subprocess.run(["bash", "launch/pretrain.sh", str(world["run_yaml"]), *args], cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=300,
+                              env={**env, "PYTHON": sys.executable, "NPROC_PER_NODE": "2"})
+    assert launched.returncode == 0, launched.stderr
+    assert launched.stdout.strip().splitlines() == [line] and launched.stderr == ""

@@ -107,7 +107,7 @@ def export_gguf(
     sp = read_sentencepiece(tokenizer) if tokenizer is not None else None
     config, state_dict = load_checkpoint(checkpoint_dir)
     if sp is None:
-        print("note: no --tokenizer given: the GGUF file has no vocabulary (llama.cpp accepts token ids only)")
+        print("note: no tokenizer: the GGUF file has no vocabulary (llama.cpp accepts token ids only)")
 
     arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]
     output_file.parent.mkdir(parents=True, exist_ok=True)

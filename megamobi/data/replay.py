@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from megamobi.checkpointing.manifest import complete_checkpoints, read_manifest
+from megamobi.checkpointing.recorded_paths import LAUNCH_DIR_KEY, resolve_recorded, where_to_run
 from megamobi.files import sha256_file
 
 from .errors import DataError
@@ -162,11 +163,12 @@ class TrainOrder:
     """The shuffled training windows of one data config, as the trainer builds them
     (megamobi.data.build_datasets + training.data_stream.Windows + GlobalBatchSampler)."""
 
-    def __init__(self, segment: Segment, *, verify_checksums: bool = False) -> None:
+    def __init__(self, segment: Segment, *, verify_checksums: bool = False, launch_dir: str | None = None) -> None:
         data = segment.data
         self.seed = data.get("shuffle_seed", data["seed"])  # a data stage's own order (megamobi/data/stages.py)
         self.seq_len = segment.seq_len
-        self.base = ShardedDataset(data["paths"], verify_checksums=verify_checksums)
+        paths = [resolve_recorded(p, launch_dir=launch_dir) for p in data["paths"]]
+        self.base = ShardedDataset(paths, verify_checksums=verify_checksums)
         self.train, self.val = split_train_val(self.base, val_fraction=data["val_fraction"], seed=data["seed"])
         weights = data.get("source_weights")
         self.blend = BlendedDataset(self.train, weights=weights) if weights is not None else None
@@ -309,6 +311,7 @@ class RunReplay:
                                   "the run's data config from its checkpoints")
             checkpoint = checkpoints[-1]
         self.checkpoint, manifest = checkpoint
+        self.launch_dir = manifest.get(LAUNCH_DIR_KEY)  # relative data paths are relative to it
         self.segments = checkpoint_segments(self.run_dir, manifest)
         if not self.segments:
             raise ReplayError(f"{self.checkpoint}: records no run config; cannot replay its data order")
@@ -319,8 +322,9 @@ class RunReplay:
     def order(self, segment: Segment) -> TrainOrder:
         key = segment.data_key()
         if key not in self._orders:
-            check_data_unchanged(segment, where=f"steps {segment.first_step}-{segment.last_step} of {self.run_dir}")
-            self._orders[key] = TrainOrder(segment, verify_checksums=self.verify_checksums)
+            check_data_unchanged(segment, where=f"steps {segment.first_step}-{segment.last_step} of {self.run_dir}",
+                                 launch_dir=self.launch_dir)
+            self._orders[key] = TrainOrder(segment, verify_checksums=self.verify_checksums, launch_dir=self.launch_dir)
         return self._orders[key]
 
     def check_steps(self, first: int, last: int) -> None:
@@ -464,13 +468,13 @@ def _trained_ranges(segment: Segment, first: int, last: int) -> list[tuple[int, 
     return ranges
 
 
-def check_data_unchanged(segment: Segment, *, where: str) -> None:
+def check_data_unchanged(segment: Segment, *, where: str, launch_dir: str | None = None) -> None:
     """Refuse shard directories whose manifest.json is not the one the run recorded."""
     for path in segment.data["paths"]:
-        manifest = Path(path) / SHARD_MANIFEST
+        manifest = resolve_recorded(path, launch_dir=launch_dir) / SHARD_MANIFEST
         if not manifest.is_file():
             raise ReplayError(f"{path}: no {SHARD_MANIFEST} (the run's data for {where}); replay needs the shards the "
-                              "run trained on, at the recorded path (relative paths are read from the current directory)")
+                              f"run trained on, at the recorded path ({where_to_run(path, launch_dir=launch_dir)})")
         recorded = segment.data_manifests.get(path)
         if recorded is None:
             continue  # a checkpoint that did not record it: nothing to compare against

@@ -6,8 +6,8 @@
     python -m megamobi.eval --download --suite paper        # on a connected machine: fill the datasets cache
 
 (`python -m megamobi.evaluate` is the other tool: loss and perplexity on token shards.)
-Exit status: 0 when every task ran, 1 when some task could not run (the others' results are still
-written), 2 for a mistake in the command line.
+Exit status: 0 when every task ran, 1 when some task could not run or a sweep skipped a checkpoint it
+could not read (the others' results are still written), 2 for a mistake in the command line.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import json
 import logging
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -63,9 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="compute precision (auto: bfloat16 on cuda, float32 on cpu)")
-    p.add_argument("--output", help="results JSON (default eval-<checkpoint>.json); with --checkpoints the CSV "
-                                    "(default RUN_DIR/eval.csv, per-checkpoint JSON beside it in eval/)")
-    p.add_argument("--include-path", help="directory of extra lm-eval task YAML files")
+    p.add_argument("--output", help="results JSON (default eval-<run>-<step>.json, or eval-<directory>.json for an HF "
+                                    "directory); with --checkpoints the CSV (default RUN_DIR/eval.csv, per-checkpoint "
+                                    "JSON beside it in eval/)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an --output JSON that holds another checkpoint's results")
+    p.add_argument("--include-path", action="append", metavar="DIR",
+                   help="directory of extra lm-eval task YAML files (repeat for several)")
     p.add_argument("--tokenizer", help="SentencePiece .model for a megamobi checkpoint (default: the one its data names)")
     p.add_argument("--cache-dir", help="where to export a megamobi checkpoint for lm-eval "
                                        "(default <checkpoints>/.hf-eval/<step>)")
@@ -83,8 +87,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise EvalError("--every only applies with --checkpoints RUN_DIR")
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise EvalError(f"--num-fewshot {args.num_fewshot}: must be 0 or more")
+    if args.overwrite and not args.checkpoint:
+        raise EvalError("--overwrite only applies with --checkpoint (a sweep never replaces results)")
     for flag, value in (("--checkpoint", args.checkpoint), ("--checkpoints", args.checkpoints),
-                        ("--include-path", args.include_path)):
+                        *(("--include-path", path) for path in args.include_path or ())):
         if value is None:
             continue
         if not Path(value).exists():
@@ -98,16 +104,49 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.output is not None and Path(args.output).is_dir():
         raise EvalError(f"--output {args.output}: is a directory; pass a file name")
     if args.device is not None:
-        if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
-            raise EvalError(f"--device {args.device}: unknown device; use cpu, cuda or cuda:N")
-        if args.device.startswith("cuda"):
-            import torch
+        from megamobi.cli_support import UserError
+        from megamobi.devices import check_device
 
-            if not torch.cuda.is_available():
-                raise EvalError(f"--device {args.device}: no CUDA device on this machine; use --device cpu")
-            index = int(args.device.split(":")[1]) if ":" in args.device else 0
-            if index >= torch.cuda.device_count():
-                raise EvalError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA devices")
+        try:
+            check_device(args.device)
+        except UserError as err:
+            raise EvalError(str(err)) from None
+
+
+def default_output(checkpoint: Path) -> Path:
+    """eval-<run>-<step>.json for RUN/checkpoints/step_*, else eval-<directory>.json, so two runs'
+    step_0000040 do not share a name; when that name holds another checkpoint's results (two runs
+    both called `run`), a digest of this checkpoint's path is added: a default never replaces them."""
+    resolved = checkpoint.resolve()
+    run = resolved.parent.parent.name if resolved.parent.name == "checkpoints" else ""
+    stem = f"eval-{run}-{resolved.name}" if run else f"eval-{resolved.name}"
+    output = Path(f"{stem}.json")
+    if _results_owner(output) not in (None, resolved):
+        output = Path(f"{stem}-{hashlib.sha256(str(resolved).encode()).hexdigest()[:8]}.json")
+    return output
+
+
+def _results_owner(output: Path) -> Path | None:
+    """The checkpoint an existing results file is about (None: no such file); EvalError for a file that
+    is not megamobi.eval's."""
+    if not output.is_file():
+        return None
+    try:
+        return Path(json.loads(output.read_text())["model"]["path"]).resolve()
+    except (OSError, ValueError, KeyError, TypeError):
+        raise EvalError(f"--output {output}: exists and is not a megamobi.eval results file; choose another "
+                        "--output, or pass --overwrite to replace it") from None
+
+
+def check_output_owner(output: Path, *, checkpoint: Path, overwrite: bool) -> None:
+    """Before any work: an existing results file of ANOTHER checkpoint is replaced only with --overwrite
+    (the same checkpoint's earlier results are replaced, as a re-run means)."""
+    if overwrite:
+        return
+    owner = _results_owner(output)
+    if owner not in (None, checkpoint.resolve()):
+        raise EvalError(f"--output {output}: holds the results of another checkpoint ({owner}); choose another "
+                        "--output, or pass --overwrite to replace them")
 
 
 def task_plan(args: argparse.Namespace, task_manager) -> list[tuple[str, int | None]]:
@@ -141,15 +180,18 @@ def _say(message: str) -> None:
 
 
 def evaluate_checkpoint(checkpoint: Path, *, plan: list[tuple[str, int | None]], args: argparse.Namespace,
-                        task_manager, cache_dir: Path | None = None) -> tuple[dict[str, Any], list]:
+                        task_manager, cache_dir: Path | None = None,
+                        export_kept: bool = True) -> tuple[dict[str, Any], list]:
     """Export (if needed), load, run each task; the JSON record and the per-task runs."""
+    from megamobi.devices import check_device
     from megamobi.eval.report import build_record, format_params, table_rows
     from megamobi.eval.runner import load_lm, run_task
 
     source = resolve_model(checkpoint, tokenizer=args.tokenizer, cache_dir=cache_dir)
     if source.exported:
-        _say(f"exported {checkpoint} to {source.hf_dir} (fp32, for lm-eval's hf model; reused next time)")
-    device = args.device or ("cuda" if _cuda() else "cpu")
+        kept = "reused next time" if export_kept else "deleted after this checkpoint (--keep-hf keeps it)"
+        _say(f"exported {checkpoint} to {source.hf_dir} (fp32, for lm-eval's hf model; {kept})")
+    device = check_device(args.device)
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     try:
         lm = load_lm(source.hf_dir, device=device, dtype=dtype, batch_size=args.batch_size)
@@ -180,17 +222,17 @@ def evaluate_checkpoint(checkpoint: Path, *, plan: list[tuple[str, int | None]],
 
 
 @functools.cache
-def _task_manager(include_path: str | None):
+def _task_manager(include_paths: tuple[str, ...]):
     """lm-eval's task index (it parses every task YAML it ships: seconds), built once per process."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=include_path)
+    return TaskManager(include_path=list(include_paths) or None)
 
 
-def _cuda() -> bool:
-    import torch
+def _lm_eval_version() -> str:
+    import importlib.metadata
 
-    return torch.cuda.is_available()
+    return importlib.metadata.version("lm_eval")
 
 
 def _write_json(path: Path, record: dict[str, Any]) -> None:
@@ -210,12 +252,15 @@ def _write_samples(path: Path, runs: list) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
-    if args.checkpoint:  # the cheap checks (what it is, which tokenizer) before lm-eval indexes its tasks
+    output = None
+    if args.checkpoint:  # the cheap checks (what it is, which tokenizer, where to) before lm-eval indexes its tasks
         check_model_path(Path(args.checkpoint), tokenizer=args.tokenizer)
+        output = Path(args.output) if args.output else default_output(Path(args.checkpoint))
+        check_output_owner(output, checkpoint=Path(args.checkpoint), overwrite=args.overwrite)
     _quiet_lm_eval(args.verbose)
     from megamobi.eval.report import format_table
 
-    task_manager = _task_manager(args.include_path)
+    task_manager = _task_manager(tuple(args.include_path or ()))
     plan = task_plan(args, task_manager)
 
     if args.download:
@@ -235,29 +280,31 @@ def run(args: argparse.Namespace) -> int:
         csv_path = Path(args.output) if args.output else run_dir / "eval.csv"
         json_dir = csv_path.parent / "eval"
 
-        def evaluate_one(checkpoint: Path) -> dict[str, Any]:
+        def evaluate_one(checkpoint: Path, tasks: list[tuple[str, int]], record_name: str) -> dict[str, Any]:
             cache = Path(args.cache_dir) / checkpoint.name if args.cache_dir else default_cache_dir(checkpoint)
             existed = cache.exists()
+            keep = args.keep_hf or existed
             try:
-                record, _ = evaluate_checkpoint(checkpoint, plan=plan, args=args, task_manager=task_manager,
-                                                   cache_dir=cache)
+                record, _ = evaluate_checkpoint(checkpoint, plan=tasks, args=args, task_manager=task_manager,
+                                                   cache_dir=cache, export_kept=keep)
             finally:
-                if not args.keep_hf and not existed:
+                if not keep:
                     shutil.rmtree(cache, ignore_errors=True)  # 2 GB per 0.5B checkpoint: do not keep hundreds
                     with contextlib.suppress(OSError):
                         cache.parent.rmdir()  # only when empty
-            _write_json(json_dir / f"{checkpoint.name}.json", record)
+            _write_json(json_dir / record_name, record)
             print(format_table(record["table"]), flush=True)
             return record
 
-        added = sweep(run_dir, csv_path=csv_path, every=args.every, evaluate=evaluate_one, report=_say)
-        _say(f"{added} rows added to {csv_path}")
-        return 0
+        result = sweep(run_dir, csv_path=csv_path, every=args.every, plan=plan, limit=args.limit,
+                       lm_eval=_lm_eval_version(), evaluate=evaluate_one, report=_say)
+        skipped = f"; {len(result.skipped)} checkpoints skipped ({', '.join(result.skipped)})" if result.skipped else ""
+        _say(f"{result.rows_added} rows added to {csv_path}{skipped}")
+        return 1 if result.skipped else 0
 
     checkpoint = Path(args.checkpoint)
     record, runs = evaluate_checkpoint(checkpoint, plan=plan, args=args, task_manager=task_manager,
                                        cache_dir=Path(args.cache_dir) if args.cache_dir else None)
-    output = Path(args.output) if args.output else Path(f"eval-{checkpoint.resolve().name}.json")
     _write_json(output, record)
     if args.log_samples:
         _write_samples(output.with_name(output.name + ".samples.jsonl"), runs)

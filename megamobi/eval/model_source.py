@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from megamobi.checkpointing.manifest import MANIFEST_NAME, checkpoint_model_config, read_manifest
+from megamobi.checkpointing.recorded_paths import training_tokenizer
 from megamobi.files import sha256_file, write_json_atomic
 
 CACHE_DIR_NAME = ".hf-eval"
@@ -44,22 +45,6 @@ def default_cache_dir(checkpoint: Path) -> Path:
     return checkpoint.resolve().parent / CACHE_DIR_NAME / checkpoint.resolve().name
 
 
-def find_training_tokenizer(manifest: dict[str, Any]) -> Path | None:
-    """The SentencePiece model the checkpoint's training shards were made with, when the shards'
-    manifest.json names one that still exists with the same sha256 (text data; Amber data was
-    tokenized elsewhere and names none)."""
-    paths = ((manifest.get("run_config") or {}).get("data") or {}).get("paths") or []
-    for data_dir in paths:
-        try:
-            info = json.loads((Path(data_dir) / "manifest.json").read_text()).get("tokenizer") or {}
-        except (OSError, json.JSONDecodeError):
-            continue
-        path = Path(info["path"]) if info.get("path") else None
-        if path is not None and path.is_file() and (not info.get("sha256") or sha256_file(path) == info["sha256"]):
-            return path
-    return None
-
-
 def check_model_path(path: Path, *, tokenizer: str | Path | None) -> str:
     """"megamobi" or "hf", or an EvalError saying what is wrong; reads only small files."""
     if not path.exists():
@@ -68,7 +53,7 @@ def check_model_path(path: Path, *, tokenizer: str | Path | None) -> str:
         raise EvalError(f"--checkpoint {path}: is a file; pass a checkpoint directory (RUN_DIR/checkpoints/step_*) "
                         "or a Hugging Face model directory")
     if is_megamobi_checkpoint(path):
-        if tokenizer is None and find_training_tokenizer(_manifest(path)) is None:
+        if tokenizer is None and training_tokenizer(_manifest(path)) is None:
             raise EvalError(f"--checkpoint {path}: its training data names no tokenizer file that still exists; "
                             "pass --tokenizer FILE.model (the SentencePiece model the data was made with)")
         return "megamobi"
@@ -94,7 +79,7 @@ def resolve_model(checkpoint: str | Path, *, tokenizer: str | Path | None = None
 
 
 def _from_hf_dir(path: Path) -> ModelSource:
-    provenance: dict[str, Any] = {"path": str(path), "kind": "hf"}
+    provenance: dict[str, Any] = {"path": str(path.resolve()), "kind": "hf"}
     stamp = path / CACHE_STAMP  # an earlier megamobi.eval export keeps its provenance
     if stamp.is_file():
         provenance.update(json.loads(stamp.read_text()).get("provenance", {}))
@@ -117,7 +102,7 @@ def _from_megamobi(path: Path, *, tokenizer, cache_dir, progress: bool) -> Model
         if not tokenizer.is_file():
             raise EvalError(f"--tokenizer {tokenizer}: no such file (the SentencePiece .model the data was made with)")
     else:
-        tokenizer = find_training_tokenizer(manifest)
+        tokenizer = training_tokenizer(manifest)
         if tokenizer is None:
             raise EvalError(f"--checkpoint {path}: its training data names no tokenizer file that still exists; "
                             "pass --tokenizer FILE.model (the SentencePiece model the data was made with)")

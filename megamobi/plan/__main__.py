@@ -12,7 +12,7 @@ from megamobi.cli_support import positive_float, positive_int
 from megamobi.config_io import ConfigError
 from megamobi.plan.catalogue import CATALOGUE, gpu_with_overrides
 from megamobi.plan.planner import plan
-from megamobi.plan.report import print_for_run, print_json, print_text
+from megamobi.plan.report import check_for_run, print_for_run, print_json, print_text
 from megamobi.plan.timing import DEFAULT_COMPUTE_FRACTION
 from megamobi.training.run_config import load_run_config
 
@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         run = load_run_config(args.config, check_data=False)
         result = plan(run, nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu=gpu,
                       compute_fraction=args.compute_fraction)
+        measured = check_for_run(run, result, args.for_run) if args.for_run is not None else None
         if args.json:
-            print_json(result, top=args.top)
+            print_json(run, result, top=args.top)
         else:
             print_text(run, result, gpu=gpu, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                        top=args.top or 10, compute_fraction=args.compute_fraction)
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print("\n".join(["", *schedule_lines(run)]))  # data stages and lr, as --check-only prints them
         if args.for_run is not None:
-            print_for_run(result, args.for_run, as_json=args.json)
+            print_for_run(result, args.for_run, measured, as_json=args.json)
     except ConfigError as err:
         print(f"python -m megamobi.plan: {err}", file=sys.stderr)
         return 2

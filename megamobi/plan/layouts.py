@@ -4,8 +4,10 @@ A candidate is the run config with parallel.tensor / pipeline / zero_stage / seq
 batch.micro_batch_size and the model's activation_checkpointing replaced (dataclasses.replace), and
 it is kept only if `RunConfig.validate(world_size=..., check_data=False)` accepts it and the pipeline
 builder's partition check (every stage holds the shared FFN) passes: the same checks the Trainer
-runs, so nothing proposed here is refused at launch. Tensor-parallel groups stay inside a node
-(T <= GPUs per node): megamobi's tensor all-reduces are synchronous and every layer makes four.
+runs, so nothing proposed here is refused at launch. Tensor-parallel groups stay inside a node:
+T must divide the GPUs per node (with 3 GPUs a node, T = 2 would put ranks 2 and 3 on two nodes),
+because megamobi's tensor all-reduces are synchronous and every layer makes four. A config whose own
+T does not divide them is still estimated, at the inter-node bandwidth, and marked so (planner.py).
 """
 
 from __future__ import annotations
@@ -43,6 +45,21 @@ def with_layout(run: RunConfig, layout: Layout) -> RunConfig:
                                      zero_stage=layout.zero_stage, sequence_parallel=layout.sequence_parallel))
 
 
+SPANS_NODES = "tensor groups would span nodes (T must divide the GPUs per node)"
+
+
+def overrides(run: RunConfig, layout: Layout) -> list[str]:
+    """The `key=value` overrides that turn the run config into `layout` (none for its own layout): what
+    to append to `pretrain` / `launch/pretrain.sh`. D follows from the world size."""
+    mine = own_layout(run, layout.tensor * layout.pipeline * layout.data)
+    changes = [("parallel.tensor", layout.tensor, mine.tensor), ("parallel.pipeline", layout.pipeline, mine.pipeline),
+               ("parallel.zero_stage", layout.zero_stage, mine.zero_stage),
+               ("parallel.sequence_parallel", layout.sequence_parallel, mine.sequence_parallel),
+               ("batch.micro_batch_size", layout.micro_batch, mine.micro_batch),
+               ("model.activation_checkpointing", layout.activation_checkpointing, mine.activation_checkpointing)]
+    return [f"{key}={str(new).lower() if isinstance(new, bool) else new}" for key, new, old in changes if new != old]
+
+
 def own_layout(run: RunConfig, world_size: int) -> Layout:
     p = run.parallel
     return Layout(tensor=p.tensor, pipeline=p.pipeline, data=world_size // (p.tensor * p.pipeline),
@@ -73,6 +90,7 @@ def enumerate_layouts(run: RunConfig, *, world_size: int, gpus_per_node: int) ->
     for t in _divisors(world_size):
         if t > gpus_per_node:
             continue
+        spans_nodes = gpus_per_node % t != 0
         for p in _divisors(world_size // t):
             d = world_size // (t * p)
             if gb % d:
@@ -83,7 +101,7 @@ def enumerate_layouts(run: RunConfig, *, world_size: int, gpus_per_node: int) ->
                     for ckpt in CHECKPOINTING_MODES:
                         for sp in ((False, True) if t > 1 else (False,)):
                             layout = Layout(t, p, d, micro, zero, ckpt, sp)
-                            why = refusal(run, layout, world_size)
+                            why = SPANS_NODES if spans_nodes else refusal(run, layout, world_size)
                             if why is None:
                                 accepted.append(layout)
                             else:
@@ -92,5 +110,6 @@ def enumerate_layouts(run: RunConfig, *, world_size: int, gpus_per_node: int) ->
 
 
 def _reason_kind(message: str) -> str:
-    """A short, countable form of a refusal (the first clause of the Trainer's message)."""
-    return message.split(";")[0][:110]
+    """A short, countable form of a refusal: the first clause of the Trainer's message, cut at a word."""
+    first = message.split(";")[0]
+    return first if len(first) <= 110 else first[:110].rsplit(" ", 1)[0] + " ..."

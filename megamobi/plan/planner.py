@@ -8,7 +8,7 @@ from collections import Counter
 from megamobi.kernels.plan import full_logits_reason
 from megamobi.plan.catalogue import GPU
 from megamobi.plan.inventory import stages
-from megamobi.plan.layouts import Layout, enumerate_layouts, own_layout, refusal
+from megamobi.plan.layouts import SPANS_NODES, Layout, enumerate_layouts, overrides, own_layout, refusal
 from megamobi.plan.memory import GIB, MemoryEstimate, estimate_stage_memory
 from megamobi.plan.timing import DEFAULT_COMPUTE_FRACTION, StepTime, estimate_step
 from megamobi.training.run_config import RunConfig
@@ -28,9 +28,10 @@ class Candidate:
     tokens_per_s: float
     tokens_per_s_per_gpu: float
 
-    def to_json(self) -> dict:
+    def to_json(self, run: RunConfig, *, own: bool) -> dict:
         lay = self.layout
-        return {"tensor": lay.tensor, "pipeline": lay.pipeline, "data": lay.data, "micro_batch": lay.micro_batch,
+        return {"own": own, "overrides": overrides(run, lay),
+                "tensor": lay.tensor, "pipeline": lay.pipeline, "data": lay.data, "micro_batch": lay.micro_batch,
                 "zero_stage": lay.zero_stage, "activation_checkpointing": lay.activation_checkpointing,
                 "sequence_parallel": lay.sequence_parallel, "fits": self.fits, "memory_gb": self.memory.gib(),
                 "step_s": round(self.time.step_s, 4), "tokens_per_s": round(self.tokens_per_s, 1),
@@ -67,6 +68,7 @@ class Plan:
     refused: Counter
     own: Candidate | None  # the run config's own layout on this cluster
     own_refusal: str | None
+    own_unranked: str | None = None  # why `own` is estimated but not among the candidates
 
 
 def plan(run: RunConfig, *, nodes: int, gpus_per_node: int, gpu: GPU,
@@ -76,17 +78,21 @@ def plan(run: RunConfig, *, nodes: int, gpus_per_node: int, gpu: GPU,
     candidates = [evaluate(run, lay, gpu=gpu, gpus_per_node=gpus_per_node, compute_fraction=compute_fraction)
                   for lay in layouts]
     candidates.sort(key=lambda c: (not c.fits, -round(c.tokens_per_s, 3), c.memory.total))
-    own_refusal = None
+    own_refusal = own_unranked = None
     own = None
     if world % (run.parallel.tensor * run.parallel.pipeline) == 0:
         mine = own_layout(run, world)
         own_refusal = refusal(run, mine, world)
         if own_refusal is None:
             own = next((c for c in candidates if c.layout == mine), None)
+        if own is None and own_refusal is None:  # the Trainer accepts it, the planner proposes no such layout
+            own = evaluate(run, mine, gpu=gpu, gpus_per_node=gpus_per_node, compute_fraction=compute_fraction)
+            own_unranked = (f"{SPANS_NODES}: T={mine.tensor} on {gpus_per_node} GPUs per node; timed at the "
+                            "InfiniBand bandwidth")
     else:
         own_refusal = (f"world size {world} is not divisible by the config's tensor x pipeline = "
                        f"{run.parallel.tensor} x {run.parallel.pipeline}")
-    return Plan(candidates=candidates, refused=refused, own=own, own_refusal=own_refusal)
+    return Plan(candidates=candidates, refused=refused, own=own, own_refusal=own_refusal, own_unranked=own_unranked)
 
 
 def paper_comparison(run: RunConfig, result: Plan, *, gpu: GPU) -> str | None:

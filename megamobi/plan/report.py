@@ -8,6 +8,7 @@ from pathlib import Path
 from megamobi.config_io import ConfigError
 from megamobi.model import flops_per_token, parameter_counts
 from megamobi.plan.catalogue import GPU
+from megamobi.plan.layouts import overrides
 from megamobi.plan.memory import FRAGMENTATION, FRAMEWORK_ALLOWANCE_GIB, GIB
 from megamobi.plan.planner import Candidate, Plan, paper_comparison
 from megamobi.plan.timing import COMM_EFFICIENCY
@@ -64,10 +65,16 @@ def print_text(run: RunConfig, result: Plan, *, gpu: GPU, nodes: int, gpus_per_n
         print(row(i, c))
     if not fitting:
         print("  (no layout fits: see below)")
+    else:
+        print("overrides that train each layout above (append them to the pretrain / launch/pretrain.sh command):")
+        for i, c in enumerate(fitting[:top], 1):
+            print(f"{i:>2}  {' '.join(overrides(run, c.layout)) or '(none: this config as it is)'}")
     print()
     if result.own is not None:
-        rank = next(i for i, c in enumerate(result.candidates, 1) if c is result.own)
-        print(f"this config's layout (#{rank} of {len(result.candidates)}):")
+        rank = next((i for i, c in enumerate(result.candidates, 1) if c is result.own), None)
+        where = (f"#{rank} of {len(result.candidates)}" if rank is not None
+                 else f"not ranked: {result.own_unranked}")
+        print(f"this config's layout ({where}):")
         print(row("*", result.own))
         print("\n".join(details(result.own)))
         if not result.own.fits:
@@ -91,10 +98,14 @@ def print_text(run: RunConfig, result: Plan, *, gpu: GPU, nodes: int, gpus_per_n
             print(f"  {n:>6}  {reason}")
 
 
-def print_json(result: Plan, *, top: int | None) -> None:
+def print_json(run: RunConfig, result: Plan, *, top: int | None) -> None:
+    """One line per candidate, best first; `own` marks the config's own layout. A config layout the
+    planner does not rank (tensor groups across nodes) comes last, with `not_ranked` saying why."""
     chosen = result.candidates if top is None else result.candidates[:top]
     for c in chosen:
-        print(json.dumps(c.to_json()))
+        print(json.dumps(c.to_json(run, own=c is result.own)))
+    if result.own is not None and result.own_unranked:
+        print(json.dumps({**result.own.to_json(run, own=True), "not_ranked": result.own_unranked}))
 
 
 def read_run_metrics(run_dir: Path) -> dict:
@@ -120,12 +131,52 @@ def read_run_metrics(run_dir: Path) -> dict:
             "last_step": steps[-1].get("step")}
 
 
-def print_for_run(result: Plan, run_dir: Path, *, as_json: bool) -> None:
-    measured = read_run_metrics(run_dir)
-    own = result.own
-    if own is None:
+def run_differences(run: RunConfig, own: Candidate, run_dir: Path) -> list[str]:
+    """What the run in run_dir trained (its newest checkpoint's model, layout, batch and precision)
+    against what this estimate is for; [] when they are the same."""
+    from megamobi.checkpointing.manifest import complete_checkpoints, read_manifest
+
+    checkpoints = complete_checkpoints(run_dir)
+    if not checkpoints:
+        raise ConfigError(f"--for-run {run_dir}: no complete checkpoint records the run's model and layout, so the "
+                          "measurement cannot be matched to this config; compare once the run has saved one")
+    try:
+        manifest = read_manifest(checkpoints[-1])
+        model, layout = manifest["model_config"], manifest["layout"]
+        batch, precision = manifest["run_config"]["batch"], manifest["precision"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"--for-run {run_dir}: {checkpoints[-1].name} does not record its model and layout ({err})") from None
+    lay, cfg = own.layout, run.model_config
+    pairs = [(f"model.{k}", model.get(k), getattr(cfg, k)) for k in
+             ("hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+              "vocab_size", "ffn_sharing", "activation_checkpointing")]
+    pairs += [("parallel.tensor", layout.get("tensor"), lay.tensor), ("parallel.pipeline", layout.get("pipeline"), lay.pipeline),
+              ("data-parallel size", layout.get("data"), lay.data), ("parallel.zero_stage", layout.get("zero_stage"), lay.zero_stage),
+              ("batch.micro_batch_size", batch.get("micro_batch_size"), lay.micro_batch),
+              ("batch.global_batch_size", batch.get("global_batch_size"), run.batch.global_batch_size),
+              ("batch.seq_len", batch.get("seq_len"), run.batch.seq_len), ("precision", precision, run.precision)]
+    if model.get("activation_checkpointing") is None:  # recorded before the field existed
+        pairs = [p for p in pairs if p[0] != "model.activation_checkpointing"]
+    return [f"{name} {theirs} (run) vs {ours} (estimate)" for name, theirs, ours in pairs if theirs != ours]
+
+
+def check_for_run(run: RunConfig, result: Plan, run_dir: Path) -> dict:
+    """The run's measurements, once it is sure they measured what this estimate is for (before any
+    output): otherwise a ConfigError listing the fields that differ."""
+    if result.own is None:
         raise ConfigError(f"--for-run: the config's own layout is refused on this cluster ({result.own_refusal}); "
                           f"give the --nodes / --gpus-per-node the run used")
+    measured = read_run_metrics(run_dir)
+    differences = run_differences(run, result.own, run_dir)
+    if differences:
+        raise ConfigError(f"--for-run {run_dir}: that run trained another model or layout than this estimate is for: "
+                          f"{'; '.join(differences)}. Give the run's own config and the --nodes / --gpus-per-node it "
+                          "ran on")
+    return measured
+
+
+def print_for_run(result: Plan, run_dir: Path, measured: dict, *, as_json: bool) -> None:
+    own = result.own
     est_mem = own.memory.allocated / GIB
     out = {"run_dir": str(run_dir), "steps_logged": measured["steps"],
            "measured_tokens_per_s": round(measured["tokens_per_s"], 1),

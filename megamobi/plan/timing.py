@@ -20,8 +20,9 @@
     optimizer    AdamW reads and writes about 32 bytes per local fp32 master parameter at HBM speed
 
 A ring collective over n ranks moves 2(n-1)/n (all-reduce) or (n-1)/n (reduce-scatter, all-gather)
-of the buffer per rank, at the link's bandwidth x COMM_EFFICIENCY: NVLink when the group fits in a
-node, InfiniBand otherwise.
+of the buffer per rank, at the link's bandwidth x COMM_EFFICIENCY: NVLink when EVERY such group lies
+within a node, InfiniBand otherwise (the slowest group sets the pace of a synchronous collective).
+Pipeline sends cross a node boundary somewhere as soon as the job spans nodes.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def _ring(bytes_: float, ranks: int, bandwidth_gbps: float, *, all_reduce: bool)
 
 
 def _link(span_ranks: int, gpus_per_node: int, gpu: GPU) -> float:
-    """Bandwidth of a group whose members lie within `span_ranks` consecutive global ranks."""
-    return gpu.intra_gbps if span_ranks <= gpus_per_node else gpu.inter_gbps
+    """Bandwidth of groups whose members lie within blocks of `span_ranks` consecutive global ranks
+    (aligned at multiples of it): all inside nodes only when the block size divides the node size."""
+    return gpu.intra_gbps if gpus_per_node % span_ranks == 0 else gpu.inter_gbps
 
 
 def layer_flops_per_token(config: ModelConfig, seq: int) -> float:
@@ -90,7 +92,7 @@ def estimate_step(config: ModelConfig, stages: list[Stage], *, gpu: GPU, gpus_pe
             t_z3 = 3 * _ring(e * st.params, data, _link(data * tensor, gpus_per_node, gpu), all_reduce=False)
         t_p2p = 0.0
         if pipeline > 1:
-            p2p_bw = _link(2 * tensor * data, gpus_per_node, gpu)
+            p2p_bw = _link(pipeline * tensor * data, gpus_per_node, gpu)  # the whole job in one node, or not
             t_p2p = 2 * act_bytes / (p2p_bw * 1e9 * COMM_EFFICIENCY)
         per_stage.append(max(t_compute + t_tp, t_z3) + t_p2p)
         compute_s, tp_s = max(compute_s, t_compute), max(tp_s, t_tp)

@@ -31,7 +31,7 @@ def ignore_late_signals() -> None:
     by SIGTERM": Python resets its own handlers to the default while exiting, so ignore them outright."""
     import signal
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 
 

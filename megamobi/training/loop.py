@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from megamobi.checkpointing.manifest import read_manifest
 from megamobi.checkpointing.model_files import read_full_model
+from megamobi.checkpointing.recorded_paths import launch_dir_record
 from megamobi.checkpointing.safe_deepspeed import use_safe_loading
 from megamobi.checkpointing.writer import CheckpointWriter
 from megamobi.config_io import ConfigError, to_dict
@@ -59,18 +60,22 @@ from megamobi.version import code_version
 
 
 class PreemptionFlag:
-    """Set by SIGUSR1 (SLURM's `--signal=USR1@600` warning) or SIGTERM; checked once per step. A SIGTERM
-    also starts the heartbeat's stop grace (launch.stop_grace_s): a hung job ends instead of waiting."""
+    """Set by SIGUSR1 (SLURM's `--signal=USR1@600` warning), SIGTERM or SIGINT (Ctrl-C, which
+    megamobi.launcher passes on as it is); checked once per step. A SIGTERM or SIGINT also starts the
+    heartbeat's stop grace (launch.stop_grace_s): a hung job ends instead of waiting. A second SIGINT
+    interrupts at once."""
 
     def __init__(self, heartbeat: Heartbeat | None = None):
         self.signal_name: str | None = None
         self.heartbeat = heartbeat
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt  # Ctrl-C twice: stop without saving
         self.signal_name = signal.Signals(signum).name
-        if signum == signal.SIGTERM and self.heartbeat is not None and self.heartbeat.sigterm_at is None:
+        if signum in (signal.SIGTERM, signal.SIGINT) and self.heartbeat is not None and self.heartbeat.sigterm_at is None:
             self.heartbeat.sigterm_at = time.monotonic()
 
 
@@ -359,11 +364,12 @@ class Trainer:
 
     def _agreed_preemption(self) -> str | None:
         """All ranks stop together if any rank was signalled (SLURM may signal only some). SIGTERM (a
-        cancel) wins over SIGUSR1 (the time-limit warning, after which the job requeues itself)."""
-        codes = {None: 0.0, "SIGUSR1": 1.0, "SIGTERM": 2.0}
+        cancel) wins over SIGUSR1 (the time-limit warning, after which the job requeues itself); SIGINT
+        (Ctrl-C) over both: neither requeues, and the log names what the user did."""
+        codes = {None: 0.0, "SIGUSR1": 1.0, "SIGTERM": 2.0, "SIGINT": 3.0}
         flag = torch.tensor([codes[self.preempted.signal_name]], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return {1.0: "SIGUSR1", 2.0: "SIGTERM"}.get(flag.item())
+        return {1.0: "SIGUSR1", 2.0: "SIGTERM", 3.0: "SIGINT"}.get(flag.item())
 
     def _log_step(self, *, loss: float, lr: float, grad_norm: float | None, step_time: float) -> None:
         tokens_per_s = self.run.tokens_per_step / step_time / dist.get_world_size()
@@ -431,6 +437,7 @@ class Trainer:
                 "layout": self._layout_record(),
                 "precision": self.run.precision, "run_config": to_dict(self.run),
                 "data_manifests": self.data.manifest_checksums(),
+                **launch_dir_record(),  # relative data.paths resolve from it (megamobi.replay, eval, convert)
                 **self.data_provenance.manifest_info(
                     step=self.state.step, consumed_tokens=self.state.consumed_tokens,
                     end_tokens=self.state.consumed_tokens + (self.total_steps - self.state.step) * self.run.tokens_per_step),

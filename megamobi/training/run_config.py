@@ -249,7 +249,11 @@ class RunConfig:
 def load_run_config(path: str | Path, overrides: list[str] = (), *, check_data: bool = True) -> RunConfig:
     """Read RUN.yaml, apply `key.sub=value` overrides, resolve the model reference, validate."""
     path = Path(path)
-    data = apply_overrides(read_yaml(path), list(overrides), where=f"{path} (command-line overrides)")
+    where = f"{path} (command-line overrides)"
+    # `model.key=value` overrides apply to the model config a name (model: mobillama-0.5b) or
+    # from_checkpoint stands for, so they wait until the reference is resolved below.
+    model_overrides = [item for item in overrides if item.startswith("model.")]
+    data = apply_overrides(read_yaml(path), [item for item in overrides if item not in model_overrides], where=where)
     if data.get("model") == "from_checkpoint":
         from megamobi.training.preflight import model_from_checkpoint
 
@@ -260,6 +264,7 @@ def load_run_config(path: str | Path, overrides: list[str] = (), *, check_data: 
         if not resolved.is_file():
             raise ConfigError(f"{path}: model: {data['model']!r} is neither a config in configs/ nor a file")
         data["model"] = dataclasses.asdict(load_model_config(resolved))
+    data = apply_overrides(data, model_overrides, where=where)
     config = from_dict(RunConfig, data, where=str(path))
     try:
         config.validate(check_data=check_data)

@@ -76,6 +76,9 @@ def _check_stage_data(stage: DataStage, *, check_data: bool) -> None:
     if not stage.paths:
         raise ConfigError(f"{stage.key}.paths is empty: give the directories written by data_tools/preprocess_amber.py")
     for path in stage.paths if check_data else ():
+        if not Path(path).exists():
+            where = "" if Path(path).is_absolute() else f" (relative paths are read from the current directory, {Path.cwd()})"
+            raise ConfigError(f"{stage.key}.paths: {path} does not exist{where}")
         if Path(path).is_file():
             raise ConfigError(f"{stage.key}.paths: {path} is a file; give the shard directory (the one holding manifest.json)")
         if not (Path(path) / "manifest.json").is_file():

@@ -103,8 +103,9 @@ def test_mix_adds_up_to_the_consumed_tokens(tmp_path, token_shards):
     assert abs(blended["sources"]["arxiv"]["share"] - 0.75) < 0.1
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "megamobi.replay", *map(str, args)], capture_output=True, text=True)
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "megamobi.replay", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd)
 
 
 def test_changed_shards_are_refused(tmp_path, token_shards):
@@ -161,18 +162,25 @@ def test_find_beyond_a_directorys_rows_is_refused(tmp_path, token_shards):
         replay.find(f"{token_shards}:48")
 
 
-def test_find_text_and_decode_on_text_shards(tmp_path, docs, tokenizer_path):
+@pytest.fixture(scope="module")
+def text_shards(tmp_path_factory, docs, tokenizer_path):
+    """Shards of English text whose manifest records the tokenizer they were made with."""
+    from megamobi.data.preprocess import PreprocessOptions, preprocess
+
+    root = tmp_path_factory.mktemp("text")
+    corpus = root / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    preprocess(PreprocessOptions(inputs=[str(corpus)], output=str(root / "text_shards"), input_format="text",
+                                 tokenizer=str(tokenizer_path), samples_per_shard=8, progress=False))
+    return root / "text_shards"
+
+
+def test_find_text_and_decode_on_text_shards(tmp_path, text_shards, tokenizer_path):
     """Text shards with their tokenizer recorded: --find-text lists exactly the sequences whose decoded
     text holds the phrase (checked against decoding every listed sequence), --decode prints the text."""
     import sentencepiece
 
-    from megamobi.data.preprocess import PreprocessOptions, preprocess
-
-    corpus = tmp_path / "docs.jsonl"
-    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    shards = tmp_path / "text_shards"
-    preprocess(PreprocessOptions(inputs=[str(corpus)], output=str(shards), input_format="text",
-                                 tokenizer=str(tokenizer_path), samples_per_shard=8, progress=False))
+    shards = text_shards
     segment = _segment(1, 6, 0, shards=shards, d=2, mb=2, seq_len=256)
     segment["data"]["val_fraction"] = 0.0
     checkpoint = tmp_path / "run" / "checkpoints" / "step_0000006"
@@ -191,6 +199,41 @@ def test_find_text_and_decode_on_text_shards(tmp_path, docs, tokenizer_path):
     assert [(r["step"], r["rank"], r["micro_batch"], r["sample_index"], r["offset"]) for r in found] == expected
     decoded = _cli(tmp_path / "run", "--steps", "2:2", "--rank", "1", "--decode", "--tokenizer", tokenizer_path).stdout
     assert repr(texts[next(i for i, r in enumerate(listing) if r["step"] == 2 and r["rank"] == 1)]) in decoded
+
+
+def test_decode_and_find_text_from_another_directory(tmp_path, text_shards):
+    """Issue 20 case 7: a run launched in LAUNCH with `data.paths: [shards]` (relative): its checkpoints
+    record LAUNCH (launch_dir), so --decode and --find-text find the data's manifest (and through it
+    the tokenizer) from any directory; a checkpoint that does not record it gets one line saying
+    where to run from, never a traceback."""
+    import shutil
+
+    launch, elsewhere = tmp_path / "launch", tmp_path / "elsewhere"
+    shutil.copytree(text_shards, launch / "shards")
+    elsewhere.mkdir()
+    segment = _segment(1, 6, 0, shards=launch / "shards", d=2, mb=2, seq_len=256)
+    segment["data"].update(paths=["shards"], val_fraction=0.0)
+    segment["data_manifests"] = {"shards": segment["data_manifests"].pop(str(launch / "shards"))}
+    checkpoint = launch / "run" / "checkpoints" / "step_0000006"
+    checkpoint.mkdir(parents=True)
+    manifest = {"step": 6, "consumed_samples": 48, "data_provenance": [segment], "launch_dir": str(launch)}
+    (checkpoint / "megamobi.json").write_text(json.dumps(manifest))
+    at_launch = _cli("run", "--steps", "2:2", "--decode", cwd=launch)
+    assert at_launch.returncode == 0, at_launch.stderr
+    for args in (("--steps", "2:2", "--decode"), ("--find-text", " the ", "--within", "1:6", "--decode")):
+        proc = _cli(launch / "run", *args, cwd=elsewhere)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stdout.strip() and all(line.startswith(("step", "    '", '    "')) for line in proc.stdout.splitlines())
+    assert _cli(launch / "run", "--steps", "2:2", "--decode", cwd=elsewhere).stdout == at_launch.stdout.replace(
+        "shards/", f"{launch}/shards/")
+    del manifest["launch_dir"]  # written before checkpoints recorded it
+    (checkpoint / "megamobi.json").write_text(json.dumps(manifest))
+    for args in (("--steps", "2:2", "--decode"), ("--find-text", "the", "--within", "1:6"), ("--steps", "2:2")):
+        proc = _cli(launch / "run", *args, cwd=elsewhere)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        (line,) = proc.stderr.strip().splitlines()
+        assert "shards: no manifest.json" in line and f"current directory ({elsewhere})" in line, line
+        assert "run this from the directory the training was launched in" in line, line
 
 
 def test_checkpoints_without_a_recorded_history_are_read_as_a_chain(tmp_path, token_shards):

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,8 @@ from conftest import TASK_DIR
 from megamobi.eval.cli import main as eval_main
 from megamobi.eval.model_source import resolve_model
 from megamobi.eval.suite import PAPER_SUITE
-from megamobi.eval.sweep import checkpoints_to_evaluate
+from megamobi.eval.sweep import result_key, row_key, select_checkpoints
+from megamobi.plot import main as plot_main
 
 CKPT = "checkpoints/step_0000006"
 
@@ -126,40 +129,175 @@ def test_stock_lm_eval_cli_gives_the_same_loglikelihoods(tmp_path, trained_run, 
     assert record["tasks"]["megamobi_tiny_mc"]["metrics"]["acc"] == pytest.approx(expected_acc, abs=1e-12)
 
 
-def test_checkpoints_sweep_writes_one_row_per_checkpoint_and_resumes(tmp_path, trained_run, eval_tokenizer,
-                                                                     repo_root, monkeypatch, capsys):
+def copy_run(trained_run: Path, where: Path) -> Path:
+    """A run of one's own to damage or to evaluate twice (the shared fixture stays as it is)."""
+    shutil.copytree(trained_run, where, ignore=shutil.ignore_patterns(".hf-eval", "eval*", "plots"))
+    return where
+
+
+def damage(checkpoint: Path) -> None:
+    """Flip bytes in the middle of one weights file: the checkpoint fails its manifest's checksums."""
+    weights = next((checkpoint / "model").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 16] = bytes(16)
+    weights.write_bytes(bytes(data))
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_keys_results_by_settings_and_goes_past_a_broken_checkpoint(tmp_path, trained_run, eval_tokenizer,
+                                                                           repo_root, monkeypatch, capsys):
+    """Issue 20 cases 1, 2 and 10 (and issue 17's sweep case) through the real command line: a broken
+    checkpoint is one warning line and skipped, every re-run still evaluates the ones after it; a
+    result is reused only for the same checkpoint, task, shots, limit and lm-eval version."""
+    import lm_eval
+
     monkeypatch.chdir(repo_root)  # the shipped task's data_files path is relative to it
-    csv_path = tmp_path / "eval.csv"
-    args = ["--checkpoints", str(trained_run), "--tokenizer", str(eval_tokenizer), "--tasks", "megamobi_tiny_mc",
-            "--include-path", str(TASK_DIR), "--device", "cpu", "--limit", "6", "--output", str(csv_path)]
     for key, value in offline_env(tmp_path).items():
         monkeypatch.setenv(key, value)
-    # An export that existed before the sweep (a single-checkpoint evaluation's cache) is kept.
-    resolve_model(trained_run / CKPT, tokenizer=eval_tokenizer, progress=False)
-    assert eval_main(args) == 0
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert [(int(r["step"]), int(r["tokens"])) for r in rows] == [(2, 512), (4, 1024), (6, 1536)]
-    assert all(0.0 <= float(r["megamobi_tiny_mc/acc"]) <= 1.0 for r in rows)
-    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [f"step_000000{s}.json" for s in (2, 4, 6)]
-    # The sweep's exports are removed afterwards (one per checkpoint would fill the disk on a real run)...
-    assert not (trained_run / "checkpoints" / ".hf-eval" / "step_0000002").exists()
-    assert (trained_run / "checkpoints" / ".hf-eval" / "step_0000006" / "config.json").is_file()
+    run = copy_run(trained_run, tmp_path / "run")
+    damage(run / "checkpoints" / "step_0000004")
+    # The Trainer records where it was launched: relative data paths resolve from it (issue 20 case 7).
+    assert json.loads((run / CKPT / "megamobi.json").read_text())["launch_dir"] == os.getcwd()
+    other_tasks = tmp_path / "more-tasks"  # a second --include-path folder with its own task
+    other_tasks.mkdir()
+    (other_tasks / "megamobi_tiny_mc_b.yaml").write_text(
+        (TASK_DIR / "megamobi_tiny_mc.yaml").read_text().replace("task: megamobi_tiny_mc", "task: megamobi_tiny_mc_b"))
+    resolve_model(run / CKPT, tokenizer=eval_tokenizer, progress=False)  # an export made before the sweep: kept
+    csv_path = run / "eval.csv"
+    base = ["--checkpoints", str(run), "--tokenizer", str(eval_tokenizer), "--include-path", str(TASK_DIR),
+            "--device", "cpu"]
+
+    def sweep(*extra: str) -> tuple[int, list[str]]:
+        capsys.readouterr()
+        status = eval_main([*base, *extra])
+        return status, capsys.readouterr().err.splitlines()
+
+    status, err = sweep("--tasks", "megamobi_tiny_mc", "--limit", "6")
+    assert status == 1  # a checkpoint was skipped; the others' results are written
+    (warning,) = [line for line in err if "warning:" in line]
+    assert warning.startswith("[megamobi.eval] warning: step_0000004: skipped: ")
+    assert "broken or incomplete checkpoint" in warning and warning.endswith("the sweep goes on (re-run to retry)")
+    assert "Traceback" not in "\n".join(err)
+    rows = read_csv(csv_path)
+    version = lm_eval.__version__
+    assert [(r["step"], r["tokens"], r["checkpoint"], r["task"], r["num_fewshot"], r["limit"], r["lm_eval"])
+            for r in rows] == [("2", "512", "step_0000002", "megamobi_tiny_mc", "0", "6", version),
+                               ("6", "1536", "step_0000006", "megamobi_tiny_mc", "0", "6", version)]
+    assert all(0.0 <= float(r["acc"]) <= 1.0 and float(r["acc_stderr"]) >= 0 for r in rows)
+    assert {r["run_dir"] for r in rows} == {str(run.resolve())} and {r["task_version"] for r in rows} == {"1.0"}
+    assert len(list((run / "eval").glob("step_0000002.*.json"))) == 1
+    # The sweep's own exports are deleted (and it says so); one that existed before is kept.
+    exported = [line for line in err if "exported" in line]
+    assert exported and all("deleted after this checkpoint" in line and "reused" not in line for line in exported)
+    assert not (run / "checkpoints" / ".hf-eval" / "step_0000002").exists()
+    assert (run / "checkpoints" / ".hf-eval" / "step_0000006" / "config.json").is_file()
+
     before = csv_path.read_text()
+    status, err = sweep("--tasks", "megamobi_tiny_mc", "--limit", "6")  # the same again: only the broken one is left
+    assert status == 1 and csv_path.read_text() == before
+    assert any("2 (checkpoint, task) results with these settings already in" in line and
+               "1 checkpoints to evaluate" in line for line in err)
+    assert sum("warning: step_0000004: skipped" in line for line in err) == 1
+
+    # A new task from a second --include-path: only it is evaluated; the first task's rows stay as they were.
+    status, _ = sweep("--include-path", str(other_tasks), "--tasks", "megamobi_tiny_mc,megamobi_tiny_mc_b",
+                      "--limit", "6")
+    assert status == 1
+    rows = read_csv(csv_path)
+    assert [(r["step"], r["task"]) for r in rows] == [("2", "megamobi_tiny_mc"), ("2", "megamobi_tiny_mc_b"),
+                                                      ("6", "megamobi_tiny_mc"), ("6", "megamobi_tiny_mc_b")]
+    first = {(r["step"], r["task"]): r["acc"] for r in read_csv_text(before)}
+    assert all(r["acc"] == first[(r["step"], r["task"])] for r in rows if r["task"] == "megamobi_tiny_mc")
+    newest = max((run / "eval").glob("step_0000006.*.json"), key=lambda p: p.stat().st_mtime_ns)
+    assert set(json.loads(newest.read_text())["tasks"]) == {"megamobi_tiny_mc_b"}
+    # Other shots and limit: rows of their own, never mixed into the old ones (each key field alone:
+    # test_a_result_is_keyed_by_checkpoint_task_shots_limit_and_harness_version).
+    status, _ = sweep("--tasks", "megamobi_tiny_mc", "--limit", "3", "--num-fewshot", "1")
+    rows = read_csv(csv_path)
+    keys = sorted((r["step"], r["task"], r["num_fewshot"], r["limit"]) for r in rows)
+    assert keys == sorted([(s, "megamobi_tiny_mc", "0", "6") for s in ("2", "6")] +
+                          [(s, "megamobi_tiny_mc_b", "0", "6") for s in ("2", "6")] +
+                          [(s, "megamobi_tiny_mc", "1", "3") for s in ("2", "6")])
+    assert len(list((run / "eval").glob("step_0000002.*.json"))) == 3  # one record per sweep, none replaced
+    # The plot of that CSV: a benchmarks.png whose series keep the settings apart.
+    assert plot_main([str(run), "--eval", str(csv_path), "--output", str(tmp_path / "plots")]) == 0
+    assert (tmp_path / "plots" / "benchmarks.png").stat().st_size > 0
+
+
+def read_csv_text(text: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def test_a_sweep_refuses_a_csv_of_another_run_or_of_the_old_layout(tmp_path, trained_run, eval_tokenizer, capsys):
+    other = tmp_path / "other.csv"
+    other.write_text("step,tokens,checkpoint,task,num_fewshot,limit,lm_eval,task_version,run_dir,acc\n"
+                     f"2,512,step_0000002,t,0,,0.4.13,1.0,{tmp_path},0.5\n")
+    old = tmp_path / "old.csv"
+    old.write_text("step,tokens,checkpoint,megamobi_tiny_mc/acc\n2,512,step_0000002,0.5\n")
+    for csv_file, expected in ((other, f"holds the results of another run ({tmp_path})"),
+                               (old, "written by an older megamobi.eval")):
+        before = csv_file.read_text()
+        status = eval_main(["--checkpoints", str(trained_run), "--tokenizer", str(eval_tokenizer), "--tasks",
+                            "megamobi_tiny_mc", "--include-path", str(TASK_DIR), "--output", str(csv_file)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert status == 2 and expected in err[-1] and csv_file.read_text() == before, err
+
+
+def test_results_files_never_collide_across_runs(tmp_path, trained_run, eval_tokenizer, monkeypatch, capsys):
+    """Issue 20 case 3: the default results name carries the run; an existing file of another
+    checkpoint is replaced only with --overwrite, and that is checked before any evaluation."""
+    for key, value in offline_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    first = trained_run / CKPT  # a run called `run`
+    second = copy_run(trained_run, tmp_path / "r2") / CKPT
+    twin = copy_run(trained_run, tmp_path / "elsewhere" / "run") / CKPT  # another run called `run`
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tests").symlink_to(TASK_DIR.parent.parent)  # the task's data file is relative to the working directory
+    monkeypatch.chdir(out)
+
+    def evaluate(checkpoint: Path, *extra: str) -> int:
+        return eval_main(["--checkpoint", str(checkpoint), "--tokenizer", str(eval_tokenizer), "--tasks",
+                          "megamobi_tiny_mc", "--include-path", str(TASK_DIR), "--device", "cpu", "--limit", "2", *extra])
+
+    assert evaluate(first) == 0 and evaluate(second) == 0 and evaluate(twin) == 0
+    owners = {p.name: json.loads(p.read_text())["model"]["path"] for p in out.glob("*.json")}
+    assert owners["eval-run-step_0000006.json"] == str(first.resolve())
+    assert owners["eval-r2-step_0000006.json"] == str(second.resolve())
+    (twin_name,) = [n for n in owners if n.startswith("eval-run-step_0000006-")]
+    assert owners[twin_name] == str(twin.resolve()) and len(owners) == 3
     capsys.readouterr()
-    assert eval_main(args) == 0  # ... and a second run finds nothing to do.
-    assert csv_path.read_text() == before
-    assert "0 to evaluate" in capsys.readouterr().err
+    target = out / "eval-r2-step_0000006.json"
+    before = target.read_text()
+    assert evaluate(first, "--output", str(target)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds the results of another checkpoint" in err[0] and "--overwrite" in err[0], err
+    assert target.read_text() == before
+    assert evaluate(first, "--output", str(target), "--overwrite") == 0
+    assert json.loads(target.read_text())["model"]["path"] == str(first.resolve())
 
 
 def test_every_k_picks_the_same_checkpoints_when_resumed():
     checkpoints = [(s, Path(f"step_{s:07d}")) for s in (100, 200, 300, 400, 500, 700)]
     steps = lambda paths: [int(p.name[5:]) for p in paths]  # noqa: E731
-    assert steps(checkpoints_to_evaluate(checkpoints, done_steps=set(), every=None)) == [100, 200, 300, 400, 500, 700]
-    assert steps(checkpoints_to_evaluate(checkpoints, done_steps=set(), every=250)) == [100, 400, 700]
+    assert steps(select_checkpoints(checkpoints, evaluated_steps=set(), every=None)) == [100, 200, 300, 400, 500, 700]
+    assert steps(select_checkpoints(checkpoints, evaluated_steps=set(), every=250)) == [100, 400, 700]
     # Interrupted after 100 and 400: the resumed sweep picks what the uninterrupted one would have.
-    assert steps(checkpoints_to_evaluate(checkpoints, done_steps={100, 400}, every=250)) == [700]
-    assert steps(checkpoints_to_evaluate(checkpoints, done_steps={100}, every=250)) == [400, 700]
+    assert steps(select_checkpoints(checkpoints, evaluated_steps={100, 400}, every=250)) == [100, 400, 700]
+    assert steps(select_checkpoints(checkpoints, evaluated_steps={100}, every=250)) == [100, 400, 700]
+
+
+def test_a_result_is_keyed_by_checkpoint_task_shots_limit_and_harness_version():
+    key = dict(checkpoint="step_0000002", task="hellaswag", shots=10, limit=None, lm_eval="0.4.13")
+    same_row = {"checkpoint": "step_0000002", "task": "hellaswag", "num_fewshot": "10", "limit": "", "lm_eval": "0.4.13"}
+    assert result_key(**key) == row_key(same_row)
+    for change in ({"checkpoint": "step_0000004"}, {"task": "piqa"}, {"shots": 0}, {"limit": 100},
+                   {"lm_eval": "0.4.14"}):
+        assert result_key(**{**key, **change}) != row_key(same_row), change
 
 
 def test_download_mode_reports_each_task(tmp_path, repo_root, monkeypatch, capsys):
@@ -188,6 +326,13 @@ def test_download_mode_reports_each_task(tmp_path, repo_root, monkeypatch, capsy
     (["--checkpoint", "CKPT", "--every", "2"], "--every only applies with --checkpoints"),
     (["--checkpoint", "CKPT", "--device", "tpu"], "--device tpu: unknown device"),
     (["--checkpoint", "CKPT", "--device", "cuda:0"], "--device cuda:0: no CUDA device"),
+    (["--checkpoint", "CKPT", "--device", "cuda"], "--device cuda: no CUDA device on this machine"),
+    (["--checkpoints", "RUN", "--overwrite"], "--overwrite only applies with --checkpoint"),
+    (["--checkpoint", "CKPT", "--include-path", "TASKS", "--include-path", "MISSING"],
+     "--include-path MISSING: no such directory"),
+    (["--checkpoint", "CKPT", "--include-path", "TASKS", "--include-path", "FILE"], "--include-path FILE: is a file"),
+    (["--checkpoint", "CKPT", "--tokenizer", "FILE", "--output", "FILE"],
+     "--output FILE: exists and is not a megamobi.eval results file"),
     (["--checkpoint", "CKPT", "--dtype", "int8"], "argument --dtype: invalid choice"),
     (["--checkpoint", "CKPT", "--suite", "leaderboard"], "argument --suite: invalid choice"),
     (["--checkpoint", "MISSING"], "--checkpoint MISSING: no such directory"),
@@ -229,7 +374,7 @@ def test_a_bad_value_through_the_real_command_is_one_line(repo_root):
 
 
 def test_the_tokenizer_is_found_from_the_training_data(tmp_path, eval_tokenizer):
-    from megamobi.eval.model_source import find_training_tokenizer
+    from megamobi.checkpointing.recorded_paths import training_tokenizer as find_training_tokenizer
     from megamobi.files import sha256_file
 
     shards = tmp_path / "shards"

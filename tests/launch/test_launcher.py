@@ -56,6 +56,28 @@ def test_srun_started_ranks_get_torch_variables_from_slurm():
         rank_env_from_slurm({**step, "SLURM_NTASKS": "x"})
 
 
+def test_a_local_launch_without_master_port_gets_a_free_port():
+    import socket
+
+    ports = {plan_from_env({"NPROC_PER_NODE": "2"}).master_port for _ in range(3)}
+    for port in ports:
+        with socket.socket() as probe:
+            probe.bind(("", port))  # free: nothing listens there
+    assert plan_from_env({"NPROC_PER_NODE": "2", "MASTER_PORT": "31234"}).master_port == 31234
+    assert plan_from_env(SLURM_4x8).master_port == 20000 + 4242  # SLURM: derived from the job id, as before
+
+
+def test_how_a_rank_ended_is_said_in_words():
+    from megamobi.rank_failure import describe_status, failure_line
+
+    assert describe_status(137) == "killed by SIGKILL (the out-of-memory killer, or a kill -9), exit status 137"
+    assert describe_status(143) == "killed by SIGTERM, exit status 143"
+    assert describe_status(1) == "exit status 1 (an error)" and describe_status(7) == "exit status 7"
+    assert failure_line(local_rank=1, rank=9, status=1, last_line="RuntimeError: boom", others=7) == (
+        'megamobi.launcher: rank 9 (local rank 1) failed first: exit status 1 (an error); its last line: '
+        '"RuntimeError: boom"; this node\'s 7 other rank(s) were stopped after it')
+
+
 def test_inconsistent_slurm_environment_is_refused():
     with pytest.raises(LaunchError, match="SLURM_NNODES=3 but the node list has 4 hosts"):
         plan_from_env({**SLURM_4x8, "SLURM_NNODES": "3"})

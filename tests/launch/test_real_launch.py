@@ -129,6 +129,47 @@ def test_master_port_in_use_stops_the_launch_with_its_name(tmp_path, token_shard
         out = subprocess.run(["bash", str(REPO / "launch/pretrain.sh"), "run.yaml"], cwd=tmp_path, capture_output=True,
                              text=True, env=_env(NPROC_PER_NODE="2", MASTER_PORT=str(port)), timeout=300)
     assert out.returncode == 2, out.stderr[-3000:]
-    assert f"rank 0 cannot listen on MASTER_PORT {port}: the port is already in use" in out.stderr
+    reason = f"rank 0 cannot listen on MASTER_PORT {port}: the port is already in use"
+    assert reason in out.stderr
     assert "Traceback" not in out.stderr
     assert time.monotonic() - start < 120  # not the 600 s rendezvous timeout
+    # Issue 20 case 15: the last line names the rank that failed first and its own words, not the
+    # other rank's exit after the launcher stopped it.
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("megamobi.launcher: rank 0 (local rank 0) failed first: exit status 2 (a user error "
+                           "caught before training); its last line: \"megamobi: error: ") and reason in last, last
+    assert last.endswith("this node's 1 other rank(s) were stopped after it"), last
+
+
+def test_ctrl_c_on_a_local_run_without_master_port(tmp_path, token_shards):
+    """Issue 20 cases 15 and 16: with MASTER_PORT unset outside SLURM the launcher picks a free port, so
+    a run starts although 29500 (torch's usual default) is busy; Ctrl-C (SIGINT) stops it after a
+    clean save and the log names SIGINT, the signal received."""
+    import socket
+
+    _relative_run(tmp_path, token_shards, steps=100000)
+    with socket.socket() as busy:
+        try:
+            busy.bind(("", 29500))
+            busy.listen()
+        except OSError:
+            pass  # already taken by someone else on this machine: busy either way
+        proc = subprocess.Popen(["bash", str(REPO / "launch/pretrain.sh"), "run.yaml"], cwd=tmp_path,
+                                env=_env(NPROC_PER_NODE="2"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.monotonic() + 240
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == STOPPED_AFTER_SAVE, output[-3000:]
+    assert "29500" not in output and "Traceback" not in output
+    assert any("SIGINT received: saved a checkpoint at step" in line for line in output.splitlines()), output[-3000:]
+    assert "SIGTERM" not in output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert any("megamobi: stopped early by SIGINT at step" in line for line in lines)
+    assert "stopped early" in lines[-1], lines[-3:]
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert len(checkpoints) == 1 and verify_checkpoint(checkpoints[0]) == []

@@ -18,8 +18,9 @@ from megamobi.training.run_config import RunConfig, load_run_config
 
 PAPER_CONFIG = str(Path(__file__).resolve().parents[2] / "configs/pretrain-mobillama-0.5b.yaml")
 CLUSTER = ["--nodes", "20", "--gpus-per-node", "8", "--gpu", "a100-80gb"]
-CANDIDATE_KEYS = {"tensor", "pipeline", "data", "micro_batch", "zero_stage", "activation_checkpointing",
-                  "sequence_parallel", "fits", "memory_gb", "step_s", "tokens_per_s", "tokens_per_s_per_gpu"}
+CANDIDATE_KEYS = {"own", "overrides", "tensor", "pipeline", "data", "micro_batch", "zero_stage",
+                  "activation_checkpointing", "sequence_parallel", "fits", "memory_gb", "step_s", "tokens_per_s",
+                  "tokens_per_s_per_gpu"}
 MEMORY_KEYS = {"params", "grads", "optimizer", "activations", "other", "total"}
 
 
@@ -107,12 +108,81 @@ def test_the_papers_layout_appears_beside_the_papers_measurement(paper_json, cap
                                        c["activation_checkpointing"], c["sequence_parallel"]) ==
              (1, 1, 160, 5, 1, "none", False)]
     assert len(paper) == 1 and paper[0]["fits"]
+    assert paper[0]["own"] and paper[0]["overrides"] == []  # the config's own layout, marked (issue 20 case 16)
+    assert [c["own"] for c in paper_json].count(True) == 1
     # 0.5B on an 80 GB A100 with micro batch 5: far from full, and within a factor of two of the paper
     assert 10 < paper[0]["memory_gb"]["total"] < 60
     assert 7_000 < paper[0]["tokens_per_s_per_gpu"] < 30_000
     code, out, _ = _run(["--config", PAPER_CONFIG, *CLUSTER, "--top", "3"], capsys)
     assert code == 0
     assert "this config's layout" in out and "the paper measured 14,000-15,000" in out
+
+
+def test_the_printed_overrides_train_exactly_each_ranked_layout(paper_json, capsys):
+    """Issue 20 case 6: `plan` names the exact overrides of every layout it ranks, and they work on the
+    paper's config, which names its model (model: mobillama-0.5b), model.activation_checkpointing too."""
+    from megamobi.plan.layouts import own_layout
+
+    chosen = {}  # one candidate per distinct set of changed keys, the checkpointing modes included
+    for c in paper_json:
+        chosen.setdefault(tuple(sorted(o.split("=")[0] for o in c["overrides"])) + (c["activation_checkpointing"],), c)
+    assert {c["activation_checkpointing"] for c in chosen.values()} == {"none", "selective", "full"}
+    for c in chosen.values():
+        run = load_run_config(PAPER_CONFIG, c["overrides"], check_data=False)
+        run.validate(world_size=160, check_data=False)
+        assert own_layout(run, 160) == Layout(c["tensor"], c["pipeline"], c["data"], c["micro_batch"], c["zero_stage"],
+                                              c["activation_checkpointing"], c["sequence_parallel"]), c["overrides"]
+    _, out, _ = _run(["--config", PAPER_CONFIG, *CLUSTER, "--top", "3"], capsys)
+    lines = out.splitlines()
+    start = lines.index("overrides that train each layout above (append them to the pretrain / launch/pretrain.sh "
+                        "command):")
+    assert [line.split()[0] for line in lines[start + 1:start + 4]] == ["1", "2", "3"]
+    assert lines[start + 1].split(None, 1)[1] == " ".join(paper_json[0]["overrides"])
+
+
+def test_refusal_reasons_are_whole_words(capsys):
+    from megamobi.plan.layouts import _reason_kind
+
+    long = "parallel.sequence_parallel needs tensor > 1 and the sequence " + "length divisible " * 8 + "by T; more"
+    cut = _reason_kind(long)
+    assert cut.endswith(" ...") and len(cut) <= 114
+    assert long.startswith(cut[:-4]) and long[len(cut) - 4] == " "  # cut between two words
+    assert _reason_kind("short reason; detail") == "short reason"
+    _, out, _ = _run(["--config", PAPER_CONFIG, *CLUSTER, "--top", "1"], capsys)
+    reasons = out.split("refused by the Trainer's checks (count, reason):\n")[1].split("\n\n")[0].splitlines()
+    assert reasons and all(len(r.split(None, 1)[1]) <= 110 or r.endswith(" ...") for r in reasons), reasons
+
+
+def _layout_yaml(tmp_path: Path, tensor: int) -> str:
+    """A run of the named 0.5B model that 6 GPUs can hold with T = 2 (global batch 12, micro batch 2)."""
+    text = open(PAPER_CONFIG).read().replace("micro_batch_size: 5", "micro_batch_size: 2").replace(
+        "global_batch_size: 800", "global_batch_size: 12").replace("tensor: 1", f"tensor: {tensor}")
+    path = tmp_path / f"t{tensor}.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_tensor_groups_never_span_nodes_unmarked(tmp_path, capsys):
+    """Issue 20 case 4: 2 nodes x 3 GPUs: T = 2 would put ranks 2 and 3 on two nodes. The planner
+    proposes no such layout; a config that asks for it is timed at the InfiniBand bandwidth and says so."""
+    config = _layout_yaml(tmp_path, tensor=2)
+    code, out, err = _run(["--config", config, "--nodes", "2", "--gpus-per-node", "3", "--gpu", "a100-80gb",
+                           "--json"], capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    ranked, last = rows[:-1], rows[-1]
+    assert {c["tensor"] for c in ranked} == {1}  # T must divide 3 GPUs per node (T = 3: 32 heads do not divide)
+    assert last["own"] and last["tensor"] == 2 and "span nodes" in last["not_ranked"]
+    # The same layout on 3 nodes x 2 GPUs keeps each tensor group in a node: faster at NVLink speed.
+    code, out, err = _run(["--config", config, "--nodes", "3", "--gpus-per-node", "2", "--gpu", "a100-80gb",
+                           "--json"], capsys)
+    inside = next(c for c in map(json.loads, out.splitlines()) if c["own"])
+    assert "not_ranked" not in inside and inside["tensor"] == 2
+    assert last["step_s"] > 1.2 * inside["step_s"]
+    code, out, err = _run(["--config", config, "--nodes", "2", "--gpus-per-node", "3", "--gpu", "a100-80gb"], capsys)
+    assert "this config's layout (not ranked: tensor groups would span nodes (T must divide the GPUs per node): T=2 " \
+           "on 3 GPUs per node; timed at the InfiniBand bandwidth):" in out
+    assert "tensor groups would span nodes (T must divide the GPUs per node)" in out.split("refused by the")[1]
 
 
 def test_nothing_proposed_is_refused_by_the_run_config(paper_json):
@@ -194,6 +264,17 @@ def test_for_run_compares_with_what_the_run_measured(tmp_path, token_shards, cap
                            "--top", "2", "--for-run", str(tmp_path / "run")], capsys)
     assert code == 0, err
     assert f"measured {report['measured_tokens_per_s']:,.0f}" in out and "memory_gb_max" in out
+
+    # Issue 20 case 5: another model or layout than the run's is refused, naming what differs, before any output.
+    zero2 = write_run_yaml(tmp_path / "zero2.yaml", dataclasses.replace(
+        run, parallel=dataclasses.replace(run.parallel, zero_stage=2)))  # the run's config with another ZeRO stage
+    for other, expected in ((PAPER_CONFIG, "model.hidden_size 32 (run) vs 2048 (estimate)"),
+                            (zero2, "parallel.zero_stage 1 (run) vs 2 (estimate)")):
+        code, out, err = _run(["--config", str(other), "--nodes", "1", "--gpus-per-node", "2", "--gpu", "h100-80gb",
+                               "--for-run", str(tmp_path / "run")], capsys)
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+        assert "that run trained another model or layout than this estimate is for" in err and expected in err, err
+    assert "data-parallel size 2 (run) vs" not in err  # only what differs is named
 
     (tmp_path / "run" / "metrics.jsonl").write_text("not json\n")
     code, _, err = _run(["--config", str(config), "--nodes", "1", "--gpus-per-node", "2", "--gpu", "h100-80gb",

@@ -146,7 +146,7 @@ def test_ds_config_is_derived_from_the_run(tmp_path, token_shards):
 
 @pytest.mark.parametrize("overrides, world, message", [
     (["batch.global_batch_size=10"], 4, "batch.global_batch_size 10 is not divisible by micro_batch_size x data-parallel size = 2 x 4"),
-    (["data.paths=[/nonexistent/shards]"], 1, "data.paths: /nonexistent/shards has no manifest.json"),
+    (["data.paths=[/nonexistent/shards]"], 1, "data.paths: /nonexistent/shards does not exist"),
     (["batch.seq_len=128"], 1, "batch.seq_len 128 is longer than the model's max_seq_len 64"),
     (["train.tokens=1000"], 1, "give exactly one of train.steps and train.tokens"),
     (["parallel.tensor=3"], 3, "num_attention_heads"),
