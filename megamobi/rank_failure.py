@@ -16,7 +16,7 @@ import sys
 import threading
 from typing import BinaryIO
 
-from megamobi.exit_codes import FAILED, HUNG, NON_FINITE, USAGE
+from megamobi.exit_codes import FAILED, HUNG, NON_FINITE, SAVE_FAILED, USAGE
 
 TAIL_LINES = 20
 
@@ -80,7 +80,7 @@ def describe_status(status: int) -> str:
         hint = " (the out-of-memory killer, or a kill -9)" if name == "SIGKILL" else ""
         return f"killed by {name}{hint}, exit status {status}"
     meaning = {USAGE: "a user error caught before training", FAILED: "an error", NON_FINITE: "non-finite losses",
-               HUNG: "hung, stopped by the hang watchdog"}
+               HUNG: "hung, stopped by the hang watchdog", SAVE_FAILED: "a checkpoint could not be saved"}
     return f"exit status {status}" + (f" ({meaning[status]})" if status in meaning else "")
 
 
