@@ -158,8 +158,8 @@ def save_checkpoint(*, run_dir: Path, engine, state: TrainerState, model_config:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         except OSError as err:  # a read-only or full file system: nothing written, nothing to remove
-            started = CheckpointNotSaved(not_saved_line(name, reason=describe_write_error(err, directory=root)
-                                                        or f"{type(err).__name__}: {err}", root=root))
+            reason = describe_write_error(err, directory=root) or f"{type(err).__name__}: {err}"
+            started = CheckpointNotSaved(not_saved_line(name, reason=reason, root=root))
     agree_saved(started, root=root, name=name)  # also the barrier: the partial directory exists for every rank
     job = writer.new_job(partial)
     engine.checkpoint_engine.job = job  # DeepSpeed's state dicts go into the job (safe_deepspeed)
@@ -175,7 +175,7 @@ def save_checkpoint(*, run_dir: Path, engine, state: TrainerState, model_config:
         job.add_json(partial / TRAINER_STATE, dict(state.__dict__))
 
     def write_and_publish() -> None:
-        failed = None
+        failed, reason, reported = None, None, True
         try:
             files = job.write(verify=writer.background)
             slow_save_for_tests()  # MEGAMOBI_TEST_SAVE_DELAY_S: a signal or a kill can arrive mid-save
@@ -185,21 +185,26 @@ def save_checkpoint(*, run_dir: Path, engine, state: TrainerState, model_config:
             # In words before the rank's files go (the free space is what the writer met).
             reason = describe_write_error(err, directory=root) or f"{type(err).__name__}: {err}"
             job.discard()  # a full disk gets its space back, so the report below can be written
-            report_rank_done(partial, rank=rank, files=None, error=reason)
+            try:
+                report_rank_done(partial, rank=rank, files=None, error=reason)
+            except OSError:  # read-only by now: rank 0 notices that itself (gather_rank_digests)
+                reported = False
         if rank == 0:
             try:
+                if not reported:  # rank 0's own report is missing: waiting for it would never end
+                    raise CheckpointNotSaved(f"rank 0: {reason}")
                 digests = gather_rank_digests(partial, world_size=world_size)  # every rank, rank 0 too
                 publish_checkpoint(partial, final, model_config=model_config, info=manifest_info, digests=digests)
             except Exception as err:
                 shutil.rmtree(partial, ignore_errors=True)
-                reason = str(err) if isinstance(err, CheckpointNotSaved) else (
+                why = str(err) if isinstance(err, CheckpointNotSaved) else (
                     describe_write_error(err, directory=root) or f"{type(err).__name__}: {err}")
-                raise CheckpointNotSaved(not_saved_line(name, reason=reason, root=root)) from None
+                raise CheckpointNotSaved(not_saved_line(name, reason=why, root=root, partial=partial)) from None
             prune_checkpoints(run_dir, keep_last=keep_last, protect=(final, *protect))
             if writer.background:
                 writer.report(f"saved checkpoint {final} (written in the background)")
         if failed is not None:
-            raise CheckpointNotSaved(not_saved_line(name, reason=reason, root=root)) from failed
+            raise CheckpointNotSaved(not_saved_line(name, reason=f"rank {rank}: {reason}", root=root)) from failed
 
     try:
         writer.submit(write_and_publish, what=name)
@@ -210,13 +215,15 @@ def save_checkpoint(*, run_dir: Path, engine, state: TrainerState, model_config:
     return final
 
 
-def not_saved_line(name: str, *, reason: str, root: Path) -> str:
+def not_saved_line(name: str, *, reason: str, root: Path, partial: Path | None = None) -> str:
+    """`partial`: rank 0's word on the partial directory (removed, or left where it cannot be)."""
     latest = root / LATEST
     previous = latest.read_text().strip() if latest.is_file() else None
     kept = (f"`latest` still names {previous}, which the same command resumes from" if previous
             else "there is no earlier checkpoint: the same command starts from step 0")
-    return (f"checkpoint {name} NOT saved: {reason}. Its partial directory was removed; {kept} once "
-            "the file system has room and is writable")
+    left = "" if partial is None else (f" {partial} could not be removed (a resume ignores it)." if partial.exists()
+                                       else " Its partial directory was removed.")
+    return f"checkpoint {name} NOT saved: {reason}.{left} {kept} once the file system has room and is writable"
 
 
 def agree_saved(failure: BaseException | None, *, root: Path, name: str) -> None:
