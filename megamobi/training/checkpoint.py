@@ -253,8 +253,11 @@ DEEPSPEED_RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
 
 def drop_deepspeed_recovery_scripts(deepspeed_dir: Path) -> None:
     """Remove DeepSpeed's recovery scripts (rank 0 copies them during save_checkpoint) before the manifest."""
-    for script in DEEPSPEED_RECOVERY_SCRIPTS:
-        (deepspeed_dir / script).unlink(missing_ok=True)
+    for script in DEEPSPEED_RECOVERY_SCRIPTS:  # not copied at all since use_safe_loading(); kept for safety
+        try:
+            (deepspeed_dir / script).unlink(missing_ok=True)
+        except OSError:  # a read-only file system says so even of a missing file: the write fails later
+            pass
 
 
 def prune_checkpoints(run_dir: Path, *, keep_last: int | None, protect: tuple[Path | None, ...]) -> list[Path]:
