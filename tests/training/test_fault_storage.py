@@ -230,3 +230,30 @@ def test_shard_truncated_while_running_is_named(tmp_path, token_shards):
     assert f"shard {victim} is now {SAMPLE_BYTES} bytes, shorter than its index (20 samples" in line, line
     checkpoints = tmp_path / "run" / "checkpoints"
     assert _latest(checkpoints) is None or verify_checkpoint(checkpoints / _latest(checkpoints)) == []
+
+
+def test_a_shard_cut_short_under_an_open_dataset_is_named_not_a_sigbus(tmp_path, token_shards):
+    """The read path itself (no run): a memory map would SIGBUS here and kill pytest."""
+    from megamobi.data import ShardError
+    from megamobi.data.shard_dataset import ShardedDataset
+    from megamobi.data.shard_reader import shards_shorter_than_index
+
+    data = shutil.copytree(token_shards, tmp_path / "shards")
+    dataset = ShardedDataset([data])
+    first = dataset[0].copy()
+    victim = dataset.bin_paths[0]
+    assert shards_shorter_than_index([data]) == []
+    os.truncate(victim, SAMPLE_BYTES + 10)
+    assert (dataset[0] == first).all()  # what is still there reads as before
+    with pytest.raises(ShardError, match=rf"shard {re.escape(str(victim))} is now {SAMPLE_BYTES + 10} bytes, "
+                                         r"shorter than its index \(20 samples"):
+        dataset[5]
+    [problem] = shards_shorter_than_index([data])
+    assert problem.startswith(f"shard {victim} is now {SAMPLE_BYTES + 10} bytes")
+
+
+def test_exit_statuses_in_words():
+    from megamobi.rank_failure import describe_status
+
+    assert describe_status(SAVE_FAILED) == "exit status 74 (a checkpoint could not be saved)"
+    assert "a memory-mapped file was cut short" in describe_status(135)
