@@ -32,7 +32,7 @@ from megamobi.data.replay import (
 )
 from megamobi.data.stages import STAGE_ZERO, StageCursor, StagePosition, all_paths
 from megamobi.training.run_config import RunConfig
-from megamobi.training.stage_checks import manifest_checksums, stage_changes
+from megamobi.training.stage_checks import content_check_note, manifest_checksums, stage_changes
 
 ALLOW_KEY = "data.allow_change"
 
@@ -64,6 +64,13 @@ def check_resume_data(run: RunConfig) -> list[str]:
     return refused + accepted
 
 
+def resume_content_note(run: RunConfig) -> str | None:
+    """For --check-only: the line a resume would print when run_dir's newest checkpoint has no shard
+    fingerprints (its shards' content cannot be compared)."""
+    newest = newest_checkpoint_manifest(run.run_dir) if run.checkpoint.resume else None
+    return None if newest is None else content_check_note(newest[1], checkpoint=newest[0])
+
+
 class DataProvenance:
     """The segments behind the next checkpoint: those of the resumed checkpoint, then this run's own,
     one per data stage (and layout); and which stage each step trains on."""
@@ -73,12 +80,14 @@ class DataProvenance:
         self.data_parallel_size = data_parallel_size
         self.changes: list[str] = []
         self.allowed = False  # some change needed data.allow_change
+        self.note: str | None = None  # the resumed checkpoint has no shard fingerprints to compare
         prior, step, resumed = [], 0, None
         if resume_from is not None:
             manifest = read_manifest(resume_from)
             accepted, refused = stage_changes(manifest, run)
             refuse_or_accept(refused, run=run, checkpoint=Path(resume_from))
             self.changes, self.allowed = refused + accepted, bool(refused)
+            self.note = content_check_note(manifest, checkpoint=Path(resume_from))
             step = manifest.get("step", 0)
             prior = truncate_segments(checkpoint_segments(run.run_dir, manifest), last_step=step)
             resumed = manifest.get("data_stage") or STAGE_ZERO
@@ -131,7 +140,10 @@ class DataProvenance:
 
     def log_changes(self, logger) -> None:
         """One line and one metrics.jsonl record when the resumed data changed (stages appended or changed
-        before they started, or anything with data.allow_change)."""
+        before they started, or anything with data.allow_change); one line when the shards' content could
+        not be compared (a checkpoint without fingerprints)."""
+        if self.note:
+            logger.info(self.note)
         if not self.changes:
             return
         how = f"{ALLOW_KEY} is true" if self.allowed else "only stages not yet started or still running changed"
