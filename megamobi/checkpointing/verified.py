@@ -1,7 +1,7 @@
 """The one check every reader of a checkpoint's weights makes first: its files match the sha256 in its
 manifest. `megamobi.checkpoints --verify` lists the same problems; training's resume spreads the same
 check over the ranks (megamobi/training/checkpoint.py). Used by `megamobi.evaluate`, `megamobi.generate`,
-`megamobi.convert` and `megamobi.eval` (and its sweep, through convert), so a damaged checkpoint is
+`megamobi.convert`, `megamobi.eval` and its sweep, and training's `checkpoint.init_from`, so a damaged checkpoint is
 refused with one line instead of giving a loss, text or an export computed from damaged weights.
 """
 
@@ -24,8 +24,11 @@ def broken_checkpoint(checkpoint: str | Path, *, use: str) -> str | None:
     """None when every file of `checkpoint` matches its manifest; else the one line a consumer prints:
     the checkpoint, the first problems, and the --verify advice. `use`: what the consumer would do
     with it ("evaluate", "convert", ...)."""
-    checkpoint = Path(checkpoint)
-    problems = verify_checkpoint(checkpoint)
+    return refusal(Path(checkpoint), verify_checkpoint(checkpoint), use=use)
+
+
+def refusal(checkpoint: Path, problems: list[str], *, use: str) -> str | None:
+    """broken_checkpoint()'s line for problems found elsewhere (e.g. verified across the ranks)."""
     if not problems:
         return None
     more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
