@@ -177,3 +177,13 @@ def test_evaluate_and_generate_refuse_a_checkpoint_that_fails_its_checksums(stop
         assert line.startswith(f"error: {checkpoint}: broken or incomplete checkpoint, refusing to ")
         assert f"{weights}: sha256 differs from the manifest" in line
         assert f"run `python -m megamobi.checkpoints {tmp_path.resolve() / 'run'} --verify`" in line
+
+
+def test_verify_shards_is_a_flag(capsys):
+    from megamobi.pretrain import parse_args
+
+    assert parse_args(["--config", "run.yaml", "--verify-shards"]).verify_shards
+    assert not parse_args(["--config", "run.yaml"]).verify_shards
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--config", "run.yaml", "--verify-shards=yes"])
+    assert exc.value.code == 2 and "--verify-shards: ignored explicit argument 'yes'" in capsys.readouterr().err
