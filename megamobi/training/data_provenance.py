@@ -42,7 +42,7 @@ def refuse_or_accept(refused: list[str], *, run: RunConfig, checkpoint: Path) ->
         raise ConfigError(
             f"resuming from {checkpoint} with other data than it was trained on would silently change the run's "
             f"data order and make its provenance false. Changed: {'; '.join(refused)}. Restore the original data "
-            f"settings, start a new run_dir, or set {ALLOW_KEY}: true to continue anyway (recorded in the next "
+            f"settings (or shard files), start a new run_dir, or set {ALLOW_KEY}: true to continue anyway (recorded in the next "
             "checkpoints and in metrics.jsonl)")
 
 
