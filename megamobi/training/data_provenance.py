@@ -2,7 +2,8 @@
 
 Every checkpoint's megamobi.json gets `data_provenance`: the segments of training that led to it
 (steps, consumed samples before them, batch sizes, data-parallel size, seq_len, the data stage, its
-data config and the sha256 of each data directory's manifest.json), and `data_stage`: the stage of its
+data config and the sha256 of each data directory's manifest.json), `data_fingerprints` (every
+shard file's size and sampled blocks, megamobi/data/fingerprints.py), and `data_stage`: the stage of its
 last step and that stage's progress. `python -m megamobi.replay` reads only that and the shards to say
 which tokens each step and rank consumed (megamobi/data/replay.py).
 
