@@ -62,7 +62,7 @@ class IntervalHealth:
     def reset(self) -> None:
         """At a save, a resume or a rewind: the weights are those of a healthy checkpoint."""
         self.in_question: BadStep | None = None  # the first unhealthy step not yet cleared
-        self.cleared: list[int] = []  # unhealthy steps of this interval that a later clean step cleared
+        self.cleared: list[int] = []  # this interval's unhealthy steps (all cleared by the time a save is allowed)
         self.last: tuple[float, float | None] | None = None  # the newest step's loss and gradient norm
         self.postponed = False
 
@@ -72,13 +72,13 @@ class IntervalHealth:
         if not (_finite(loss) and _finite(grad_norm)):
             if self.in_question is None:
                 self.in_question = BadStep(step, loss, grad_norm)
-            self.cleared.append(step)  # provisional: moved to the record only once cleared
+            self.cleared.append(step)
             return None
         if self.in_question is None:
             return None
         first, self.in_question = self.in_question, None
-        return (f"step {step} ran cleanly on the weights that {first.what()}: the fault was that step's batch or "
-                f"transient, not the weights'")
+        return (f"step {step} ran cleanly on the weights in question since {first.what()}: the fault was that "
+                f"step's batch or transient, not the weights'")
 
     @property
     def healthy(self) -> bool:
