@@ -129,3 +129,33 @@ def test_divergent_weights_are_never_checkpointed_and_schedule_changes_need_perm
     assert prune_checkpoints(run_dir, keep_last=1, protect=()) == [root / "step_0000008"]
     assert _names(run_dir) == ["step_0000007", "step_0000009", "step_0000010", "step_0000011"]
     assert newest_healthy_checkpoint(run_dir, before_step=100) == root / "step_0000010"  # not 11 (unhealthy), 9 (broken)
+
+
+def _signalled_in_question(rank, run):
+    """SIGTERM right after a NaN step (MEGAMOBI_FAULTS nan, this forked rank only): the save it asks for
+    cannot hold weights in question."""
+    import signal
+
+    from megamobi.training.loop import NonFiniteLossError, Trainer
+
+    class SignalledAfterStep3(Trainer):
+        def _log_step(self, **kwargs):
+            super()._log_step(**kwargs)
+            if self.state.step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    os.environ["MEGAMOBI_FAULTS"] = "nan:step=3:rank=0"
+    try:
+        SignalledAfterStep3(run).train()
+    except NonFiniteLossError as err:
+        return str(err)
+    return None
+
+
+def test_a_signal_while_the_weights_are_in_question_saves_nothing(tmp_path, token_shards):
+    run = make_run(tmp_path / "r", token_shards, **{**SECTIONS, "train": {**SECTIONS["train"], "steps": 4}})
+    [message] = run_ranks(_signalled_in_question, world_size=1, args=(run,))
+    assert message.startswith("stopped at step 3 (SIGTERM received) without writing a checkpoint: the weights are in "
+                              "question since step 3: its loss (nan) and its gradient norm (inf) were not finite"), message
+    assert f"the newest healthy checkpoint is {tmp_path / 'r' / 'checkpoints' / 'step_0000002'}" in message
+    assert _names(tmp_path / "r") == ["step_0000002"]
