@@ -88,8 +88,15 @@ def _main(argv: list[str] | None) -> int:
         run.validate(world_size=world_size)
         # Open the shards now (headers only): a damaged shard or an unknown source weight fails here.
         data = RunData(run)
+        from megamobi.training.append_logs import check_appended_logs
         from megamobi.training.preflight import check_start_checkpoints, check_validation_data
+        from megamobi.training.resume_choice import resume_plan
 
+        # run_dir's checkpoints all unusable: exit 2 listing them (or, asked for, a restart); --check-only
+        # also checks their checksums. Then the logs: a torn last line will be cut off, other damage stops here.
+        resume_from, notes = resume_plan(run, verify=args.check_only)
+        restarting = resume_from is None and bool(notes)  # the logs are moved aside with the checkpoints
+        notes += [] if restarting else check_appended_logs(run.run_dir)
         check_start_checkpoints(run)  # run_dir's model and position, checkpoint.init_from
         check_validation_data(run, data)
         from megamobi.training.data_provenance import check_resume_data
@@ -114,6 +121,8 @@ def _main(argv: list[str] | None) -> int:
             print(line)
         for change in accepted:
             print(f"on resume, accepted and recorded: {change}")
+        for note in notes:
+            print(note)
         if finished:
             print(finished)  # last: launch/pretrain.sh shows this line alone and starts no rank
         return 0

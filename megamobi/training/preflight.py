@@ -63,9 +63,12 @@ def check_same_model(checkpoint: str | Path, manifest: dict[str, Any], run_model
 
 
 def newest_own_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest completed checkpoint in run_dir (by name; checksums are checked at start, not here)."""
-    done = complete_checkpoints(run_dir)
-    return done[-1] if done else None
+    """The newest checkpoint in run_dir whose manifest reads and whose files are all there at their
+    recorded sizes: damaged newer ones are skipped, as the Trainer skips them (checksums are checked
+    at start, not here)."""
+    from megamobi.training.resume_choice import newest_usable
+
+    return newest_usable(run_dir)[0]
 
 
 def model_from_checkpoint(data: dict[str, Any], *, where: str) -> dict[str, Any]:
@@ -87,7 +90,7 @@ def check_start_checkpoints(run) -> None:
     """Before any process starts (pretrain --check-only and every start): what the run will load, its
     own newest checkpoint, else checkpoint.init_from. Raises ConfigError naming the key and what to do."""
     own = newest_own_checkpoint(run.run_dir)
-    if own is not None and not run.checkpoint.resume:
+    if complete_checkpoints(run.run_dir) and not run.checkpoint.resume:
         raise ConfigError(f"{run.run_dir} already holds checkpoints and checkpoint.resume is false: a new run "
                           "would overwrite them. Use a new run_dir, or checkpoint.resume: true to continue.")
     check_trainer_start(run, resume_from=own)
