@@ -13,6 +13,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,10 +34,17 @@ EVERY_2_STEPS = {"interval_tokens": 2 * 8 * 32}  # the test runs' 8 sequences x 
 TIMING = ("tokens_per_s", "tokens_per_s_per_device", "step_time_s", "memory_gb", "memory_gb_max")
 
 
-def _train(rank, run):
+def _train(rank, run, stop_after=None):
+    """The run, stopped by a real SIGUSR1 (SLURM's time-limit warning) after step `stop_after`: it saves there."""
     from megamobi.training.loop import Trainer
 
-    Trainer(run).train()
+    class StoppedAt(Trainer):
+        def _log_step(self, **kwargs):
+            super()._log_step(**kwargs)
+            if self.state.step == stop_after:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    StoppedAt(run).train()
 
 
 def _env() -> dict[str, str]:
@@ -74,8 +82,8 @@ def _without_timing(run_dir: Path) -> list[dict]:
 
 
 def test_every_checkpoint_damaged_is_refused_and_a_restart_moves_them_aside(tmp_path, token_shards):
-    run = make_run(tmp_path / "r", token_shards, train={"steps": 4, "log_interval": 1}, checkpoint=EVERY_2_STEPS)
-    run_ranks(_train, world_size=1, args=(run,))
+    run = make_run(tmp_path / "r", token_shards, train={"steps": 6, "log_interval": 1}, checkpoint=EVERY_2_STEPS)
+    run_ranks(_train, world_size=1, args=(run, 4))  # stopped after step 4: training left to do
     run_yaml = write_run_yaml(tmp_path / "run.yaml", run)
     run_dir, root = tmp_path / "r", tmp_path / "r" / "checkpoints"
     first_pass = _without_timing(run_dir)
@@ -114,8 +122,8 @@ def test_every_checkpoint_damaged_is_refused_and_a_restart_moves_them_aside(tmp_
         p: p.read_bytes() for p in (discarded / "checkpoints").rglob("*") if p.is_file()}
     assert (discarded / "metrics.jsonl").read_bytes() == metrics
     # Trained from step 1: the same steps, bit for bit, as the first time.
-    assert _without_timing(run_dir) == first_pass
-    assert sorted(p.name for p in root.glob("step_*")) == ["step_0000002", "step_0000004"]
+    assert _without_timing(run_dir)[:4] == first_pass and [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_0000002", "step_0000004", "step_0000006"]
 
 
 def test_damaged_newest_manifests_fall_back_and_torn_log_lines_are_cut(tmp_path, token_shards):
