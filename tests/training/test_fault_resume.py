@@ -26,6 +26,7 @@ from training_runs import make_run, read_metrics
 
 from megamobi.checkpointing.model_files import read_full_tensors
 from megamobi.config_io import ConfigError
+from megamobi.pretrain import main as pretrain_main
 from megamobi.training.append_logs import DamagedLogLine, fix_tail, truncate_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,11 +82,12 @@ def _without_timing(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in m.items() if k not in TIMING} for m in read_metrics(run_dir)]
 
 
-def test_every_checkpoint_damaged_is_refused_and_a_restart_moves_them_aside(tmp_path, token_shards):
+def test_every_checkpoint_damaged_is_refused_and_a_restart_moves_them_aside(tmp_path, token_shards, capsys, monkeypatch):
     run = make_run(tmp_path / "r", token_shards, train={"steps": 6, "log_interval": 1}, checkpoint=EVERY_2_STEPS)
     run_ranks(_train, world_size=1, args=(run, 4))  # stopped after step 4: training left to do
     run_yaml = write_run_yaml(tmp_path / "run.yaml", run)
     run_dir, root = tmp_path / "r", tmp_path / "r" / "checkpoints"
+    monkeypatch.setenv("WORLD_SIZE", "1")  # for the in-process --check-only below
     first_pass = _without_timing(run_dir)
     for step in (2, 4):
         _flip_byte(root / f"step_{step:07d}" / "rng" / "rank00000.json")
@@ -108,10 +110,13 @@ def test_every_checkpoint_damaged_is_refused_and_a_restart_moves_them_aside(tmp_
     assert_refused(proc)
     assert "step      1/" not in proc.stdout
 
-    for bad, said in (("maybe", "expected true or false, got 'maybe'"), ("1", "expected true or false, got 1")):
-        proc = _check_only(run_yaml, f"checkpoint.restart_from_scratch={bad}")
-        assert proc.returncode == 2 and said in proc.stdout and "restart_from_scratch" in proc.stdout, proc.stdout
-        assert len(proc.stdout.strip().splitlines()) == 1, proc.stdout
+    proc = _check_only(run_yaml, "checkpoint.restart_from_scratch=maybe")
+    assert proc.returncode == 2 and len(proc.stdout.strip().splitlines()) == 1, proc.stdout
+    assert "checkpoint.restart_from_scratch: expected true or false, got 'maybe'" in proc.stdout
+    for bad, said in (("1", "got 1"), ("0", "got 0"), ("null", "got None"), ("[]", "got []"), ("{}", "got {}")):
+        assert pretrain_main(["--check-only", "--config", str(run_yaml), f"checkpoint.restart_from_scratch={bad}"]) == 2
+        err = capsys.readouterr().err
+        assert f"checkpoint.restart_from_scratch: expected true or false, {said}" in err and len(err.splitlines()) == 1, err
 
     proc = _pretrain_sh(run_yaml, "checkpoint.restart_from_scratch=true")
     assert proc.returncode == 0, proc.stdout
