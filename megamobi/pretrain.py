@@ -93,9 +93,8 @@ def _main(argv: list[str] | None) -> int:
 
         # run_dir's checkpoints all unusable: exit 2 listing them (or, asked for, a restart); --check-only
         # also checks their checksums. Then the logs: a torn last line will be cut off, other damage stops here.
-        resume_from, notes = resume_plan(run, verify=args.check_only)
-        restarting = resume_from is None and bool(notes)  # the logs are moved aside with the checkpoints
-        notes += [] if restarting else check_appended_logs(run.run_dir)
+        plan = resume_plan(run, verify=args.check_only)
+        notes = plan.lines + ([] if plan.restart else check_appended_logs(run.run_dir))  # a restart moves them aside
         check_start_checkpoints(run)  # run_dir's model and position, checkpoint.init_from
         check_validation_data(run, data)
         from megamobi.training.data_provenance import check_resume_data
@@ -108,7 +107,7 @@ def _main(argv: list[str] | None) -> int:
 
         # MEGAMOBI_FAULTS (tests and drills): a bad string fails here, naming the wrong part.
         check_faults_for_run(faults_from_env(), world_size=world_size, total_steps=run.total_steps)
-        finished = already_complete(run, newest=resume_from)
+        finished = already_complete(run, newest=plan.checkpoint)
     except (ConfigError, DataError) as err:
         print(f"megamobi: error: {err}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
@@ -91,22 +92,29 @@ def no_usable_checkpoint(run_dir: str | Path, unusable: list[tuple[Path, str]]) 
         f"{Path(run_dir) / 'discarded-<time>'}/ and train from step 0, or use a new run_dir")
 
 
-def resume_plan(run, *, verify: bool) -> tuple[Path | None, list[str]]:
-    """Before any process group (every start, and --check-only with `verify`: checksums too): the
-    checkpoint the start will resume from, and lines saying what it skips or moves aside. Raises
+@dataclass
+class ResumePlan:
+    checkpoint: Path | None  # what the start will resume from
+    lines: list[str]  # what it skips, or moves aside (--check-only prints them)
+    restart: bool = False  # checkpoint.restart_from_scratch will move the checkpoints and logs aside
+
+
+def resume_plan(run, *, verify: bool) -> ResumePlan:
+    """Before any process group (every start, and --check-only with `verify`: checksums too). Raises
     NoUsableCheckpoint when run_dir's checkpoints are all unusable and a restart was not asked for."""
     if not run.checkpoint.resume:
-        return None, []
+        return ResumePlan(None, [])
     found, skipped = newest_usable(run.run_dir, verify=verify)
     lines = [f"on resume: skipping checkpoint {checkpoint}: {why}" for checkpoint, why in skipped]
     if found is not None:
-        return found, lines + ([f"on resume: falling back to {found}"] if skipped else [])
+        return ResumePlan(found, lines + ([f"on resume: falling back to {found}"] if skipped else []))
     if not skipped:
-        return None, []  # a new run_dir (or one whose only save never finished)
+        return ResumePlan(None, [])  # a new run_dir (or one whose only save never finished)
     if not run.checkpoint.restart_from_scratch:
         raise no_usable_checkpoint(run.run_dir, skipped)
-    return None, [f"on start: none of the {len(skipped)} checkpoint(s) can be resumed; {RESTART_KEY}: they and the "
-                  f"run's logs will be moved into {Path(run.run_dir) / 'discarded-<time>'}/ and training starts from step 0"]
+    return ResumePlan(None, [f"on start: none of the {len(skipped)} checkpoint(s) can be resumed; {RESTART_KEY}: they "
+                             f"and the run's logs will be moved into {Path(run.run_dir) / 'discarded-<time>'}/ and "
+                             "training starts from step 0"], restart=True)
 
 
 def move_aside(run_dir: str | Path, *, report) -> Path:
