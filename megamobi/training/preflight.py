@@ -17,6 +17,7 @@ from typing import Any
 from megamobi.checkpointing.manifest import MANIFEST_NAME, complete_checkpoints
 from megamobi.config_io import ConfigError, from_dict
 from megamobi.model_config import ModelConfig
+from megamobi.training.resume_choice import newest_usable, no_usable_checkpoint
 
 FROM_CHECKPOINT = "from_checkpoint"
 # The fields that decide which weights exist and their shapes; name, max_seq_len, rope_theta,
@@ -66,8 +67,6 @@ def newest_own_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest checkpoint in run_dir whose manifest reads and whose files are all there at their
     recorded sizes: damaged newer ones are skipped, as the Trainer skips them (checksums are checked
     at start, not here)."""
-    from megamobi.training.resume_choice import newest_usable
-
     return newest_usable(run_dir)[0]
 
 
@@ -79,6 +78,9 @@ def model_from_checkpoint(data: dict[str, Any], *, where: str) -> dict[str, Any]
         source, what = own, f"{where}: model: {FROM_CHECKPOINT} (run_dir's newest checkpoint)"
     elif checkpoint.get("init_from"):
         source, what = Path(str(checkpoint["init_from"])), f"{where}: model: {FROM_CHECKPOINT} (checkpoint.init_from)"
+    elif isinstance(data.get("run_dir"), str) and checkpoint.get("resume", True) and (
+            skipped := newest_usable(data["run_dir"])[1]):  # checkpoints, none usable: the refusal that lists them
+        raise no_usable_checkpoint(data["run_dir"], skipped)
     else:
         raise ConfigError(f"{where}: model: {FROM_CHECKPOINT} needs checkpoint.init_from (e.g. a `convert from-hf` "
                           "output) or a run_dir that already holds checkpoints")

@@ -16,8 +16,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch.distributed as dist
-
 from megamobi.checkpointing.manifest import MANIFEST_NAME, manifest_damage, read_manifest, verify_checkpoint
 from megamobi.config_io import ConfigError
 from megamobi.files import fsync_directory
@@ -142,6 +140,8 @@ def prepare_run_dir(run, *, report) -> Path | None:
     """Collective, in the Trainer before anything is written: the checkpoint to resume from (verified
     over the ranks; megamobi.training.checkpoint.find_resume_checkpoint) or None; the refusal or the
     restart when none can be used; the appended logs' torn last lines cut off (rank 0)."""
+    import torch.distributed as dist  # here: the checks before any process group stay free of torch
+
     from megamobi.training.checkpoint import find_resume_checkpoint, from_rank0
 
     rank = dist.get_rank() if dist.is_initialized() else 0

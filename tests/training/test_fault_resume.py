@@ -197,3 +197,14 @@ def test_torn_tails_in_detail(tmp_path):
     with pytest.raises(DamagedLogLine, match=r"metrics.jsonl: line 2 \(at byte 12\) is not a log record") as err:
         fix_tail(path, report=said.append)
     assert isinstance(err.value, ConfigError) and path.read_bytes() == b'{"step": 1}\nnot json\n{"step": 2}\n'
+
+
+def test_model_from_checkpoint_with_no_usable_checkpoint_lists_them(tmp_path, token_shards, capsys, monkeypatch):
+    """`model: from_checkpoint` reads the newest usable checkpoint's model; none usable: the same refusal."""
+    run_yaml = write_run_yaml(tmp_path / "run.yaml", make_run(tmp_path / "r", token_shards))
+    (tmp_path / "r" / "checkpoints" / "step_0000004").mkdir(parents=True)  # its megamobi.json lost
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert pretrain_main(["--check-only", "--config", str(run_yaml), "model=from_checkpoint"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'r'} holds 1 checkpoint(s) and none can be resumed:\n  step_0000004: no megamobi.json" in err, err
+    assert "Traceback" not in err and (tmp_path / "r" / "checkpoints" / "step_0000004").is_dir()
