@@ -116,7 +116,7 @@ def _main(argv: list[str] | None) -> int:
         # also checks their checksums. Then the logs: a torn last line will be cut off, other damage stops here.
         plan = resume_plan(run, verify=args.check_only)
         notes = plan.lines + ([] if plan.restart else check_appended_logs(run.run_dir))  # a restart moves them aside
-        check_start_checkpoints(run)  # run_dir's model and position, checkpoint.init_from
+        check_start_checkpoints(run, resume_from=plan.checkpoint)  # run_dir's model and position, checkpoint.init_from
         check_validation_data(run, data)
         if args.verify_shards:
             verify_shards(run, check_only=args.check_only, world_size=world_size)

@@ -88,14 +88,14 @@ def model_from_checkpoint(data: dict[str, Any], *, where: str) -> dict[str, Any]
     return dict(config.__dict__)
 
 
-def check_start_checkpoints(run) -> None:
+def check_start_checkpoints(run, *, resume_from: Path | None) -> None:
     """Before any process starts (pretrain --check-only and every start): what the run will load, its
-    own newest checkpoint, else checkpoint.init_from. Raises ConfigError naming the key and what to do."""
-    own = newest_own_checkpoint(run.run_dir)
+    own checkpoint `resume_from` (megamobi.training.resume_choice.resume_plan), else checkpoint.init_from.
+    Raises ConfigError naming the key and what to do."""
     if complete_checkpoints(run.run_dir) and not run.checkpoint.resume:
         raise ConfigError(f"{run.run_dir} already holds checkpoints and checkpoint.resume is false: a new run "
                           "would overwrite them. Use a new run_dir, or checkpoint.resume: true to continue.")
-    check_trainer_start(run, resume_from=own)
+    check_trainer_start(run, resume_from=resume_from)
 
 
 def check_trainer_start(run, *, resume_from: Path | None) -> None:
