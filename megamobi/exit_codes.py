@@ -3,7 +3,9 @@
     0    the run finished its steps
     1    a failure (a bug, a crashed rank): read the log above the last line
     2    a user error caught before any work (config, data, launch environment, rendezvous)
-    3    training stopped on repeated non-finite losses (train.max_bad_steps)
+    3    training stopped on bad steps: train.max_bad_steps in a row, train.divergence (stop, max_rewinds),
+         or weights in question (a non-finite step) when a save could not wait; the message names
+         the newest healthy checkpoint to resume from (docs/training.md "Healthy checkpoints")
     74   a checkpoint could not be saved (disk full, permission denied, a read-only file system): the
          line above names the path and the free space; its partial directory was removed and `latest`
          still names the previous checkpoint. Make room (or fix the mount) and run the same command
