@@ -25,7 +25,7 @@ SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT)
 PERMISSION_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS)
 RNG_FILE_BYTES = 64 << 10  # rng/rankNNNNN.json: about 48 KiB whatever the model (Python's and NumPy's state)
 SMALL_FILES_BYTES = 256 << 10  # manifest, trainer state, DeepSpeed's small files
-MARGIN = 1.1  # replicated norms (tensor parallel), shared-FFN replicas (pipeline), padding, pickling
+MARGIN = 1.1  # replicated norms (tensor parallel), padding, pickling
 
 
 class StorageError(ConfigError):
@@ -69,9 +69,13 @@ def bytes_per_parameter(*, precision: str, zero_stage: int) -> int:
 
 
 def estimated_checkpoint_bytes(run, *, world_size: int) -> int:
-    params = parameter_counts(run.model_config)["params_unique"]
+    counts = parameter_counts(run.model_config)
     per_param = bytes_per_parameter(precision=run.precision, zero_stage=run.parallel.zero_stage)
-    return int(params * per_param * MARGIN) + world_size * RNG_FILE_BYTES + SMALL_FILES_BYTES
+    # A shared FFN lives once in every pipeline stage's DeepSpeed files (the portable files hold it once):
+    # MobiLlama's shared FFN is a large share of its parameters, more than the margin covers.
+    replicas = counts["params_mlp_unique"] * (run.parallel.pipeline - 1) if run.model_config.ffn_sharing == "shared" else 0
+    total = counts["params_unique"] * per_param + replicas * (per_param - 12)
+    return int(total * MARGIN) + world_size * RNG_FILE_BYTES + SMALL_FILES_BYTES
 
 
 def last_checkpoint_bytes(run_dir: str | Path) -> tuple[int, Path] | None:

@@ -112,6 +112,11 @@ def test_checkpoint_size_estimate_matches_a_real_checkpoint(tmp_path, token_shar
     assert bytes_per_parameter(precision="fp32", zero_stage=0) == 24
     params = parameter_counts(run.model_config)["params_unique"]
     assert 28 * params < estimated_checkpoint_bytes(run, world_size=1) < 28 * params * 1.1 + (400 << 10)
+    # Two pipeline stages: the shared FFN's second copy in DeepSpeed's files (16 bytes a parameter in fp32).
+    staged = dataclasses.replace(run, parallel=dataclasses.replace(run.parallel, pipeline=2))
+    mlp = parameter_counts(run.model_config)["params_mlp_unique"]
+    assert estimated_checkpoint_bytes(staged, world_size=2) - estimated_checkpoint_bytes(run, world_size=2) == \
+        int((28 * params + 16 * mlp) * 1.1) - int(28 * params * 1.1)
 
 
 def test_no_room_or_read_only_is_refused_before_any_step(tmp_path, token_shards):
