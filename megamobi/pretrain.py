@@ -73,12 +73,16 @@ def _is_rank0() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megamobi.training.run_lease import release_held
+
     try:
         return _main(argv)
     except KeyboardInterrupt:  # Ctrl-C before training started, or a second one: no traceback
         print("megamobi: interrupted (SIGINT) without a save; the newest complete checkpoint in run_dir is intact",
               file=sys.stderr, flush=True)
         return 130  # 128 + SIGINT, as a shell reports it
+    finally:
+        release_held()  # the run_dir's lease (rank 0): free for the next job, even in this process
 
 
 def _main(argv: list[str] | None) -> int:

@@ -80,6 +80,16 @@ def check_lease_free(run_dir: str | Path) -> None:
         os.close(fd)  # also drops the probe's shared lock
 
 
+_HELD_LEASES: list[RunLease] = []
+
+
+def release_held() -> None:
+    """Release every lease this process holds: megamobi.pretrain's main() returns (called in-process,
+    a later run or a subprocess on the same run_dir must find it free)."""
+    while _HELD_LEASES:
+        _HELD_LEASES.pop().release()
+
+
 class RunLease:
     """The lease rank 0 holds; `take()` once, before the process group forms."""
 
@@ -125,6 +135,7 @@ class RunLease:
             raise ConfigError(f"cannot write the run_dir's lease file {path}: {err.strerror}; make run_dir writable "
                               "(and give it free space) or choose another run_dir") from None
         self.fd = fd
+        _HELD_LEASES.append(self)
         atexit.register(self.release)
 
     def release(self) -> None:

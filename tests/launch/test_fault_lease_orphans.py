@@ -146,4 +146,5 @@ def test_sigterm_to_the_deepspeed_command_reaches_the_ranks(tmp_path, token_shar
     _wait_until_gone([*rank_pids, node_launcher], within_s=15)
     output, _ = proc.communicate(timeout=60)
     assert f"the deepspeed command (pid {proc.pid}) is gone: saving a checkpoint and stopping" in output, output[-3000:]
+    assert "Traceback" not in output
     _saved_at_stop(run_dir, output)
