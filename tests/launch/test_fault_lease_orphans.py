@@ -143,8 +143,21 @@ def test_sigterm_to_the_deepspeed_command_reaches_the_ranks(tmp_path, token_shar
     rank_pids = _children(node_launcher)
     assert len(rank_pids) == 2
     proc.send_signal(signal.SIGTERM)
-    _wait_until_gone([*rank_pids, node_launcher], within_s=15)
+    _wait_until_gone(rank_pids, within_s=10)
+    _wait_until_gone([node_launcher], within_s=10)  # it exits once its ranks have (status 75)
     output, _ = proc.communicate(timeout=60)
     assert f"the deepspeed command (pid {proc.pid}) is gone: saving a checkpoint and stopping" in output, output[-3000:]
     assert "Traceback" not in output
     _saved_at_stop(run_dir, output)
+
+
+def test_a_run_dir_that_is_a_file_stops_rank_0_in_one_line(tmp_path, token_shards):
+    relative_run(tmp_path, token_shards)
+    (tmp_path / "afile").write_text("not a folder")
+    out = subprocess.run([sys.executable, "-m", "megamobi.pretrain", "--config", "run.yaml", "run_dir=afile"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env=launch_env(PYTHONPATH=str(REPO), WORLD_SIZE="1"))
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip() == ("megamobi: error: run_dir afile is a file, not a folder: give the run a folder (a new "
+                                  "one, or the run's own) as run_dir"), out.stderr
+    assert (tmp_path / "afile").read_text() == "not a folder"
