@@ -119,6 +119,7 @@ def test_second_job_refused_stale_lease_taken_over_and_a_killed_launcher_leaves_
     _wait_until_gone(rank_pids, within_s=10)
     output, _ = first.communicate(timeout=60)
     assert first.returncode == 128 + signal.SIGKILL, output[-3000:]
+    assert "megamobi.launcher itself was killed: its ranks save a checkpoint and stop on their own" in output
     takeovers = [line for line in output.splitlines() if "took over the lease" in line]
     assert len(takeovers) == 1, takeovers
     assert takeovers[0].startswith(f"[megamobi] took over the lease on run from pid {dead.pid} on host "
