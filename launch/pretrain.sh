@@ -96,6 +96,7 @@ if [ -n "$in_slurm" ]; then
   run_and_report srun --ntasks-per-node=1 --kill-on-bad-exit=1 "$PYTHON" -m megamobi.launcher node "$RUN_CONFIG" "$@" || exit $?
   exit 0
 fi
+export MEGAMOBI_SCRIPT_PID=$$  # the launcher watches this script: a SIGKILL here still stops the ranks
 run_and_report "$PYTHON" -m megamobi.launcher node "$RUN_CONFIG" "$@" || exit $?
 exit 0
 ":"""

@@ -34,7 +34,7 @@ import time
 
 from megamobi.config_io import ConfigError
 from megamobi.exit_codes import FAILED, STOPPED_AFTER_SAVE, USAGE
-from megamobi.parent_watch import LAUNCHER_PID_ENV
+from megamobi.parent_watch import LAUNCHER_PID_ENV, watch_launch_script
 from megamobi.rank_failure import RankStderr, failure_line
 
 
@@ -278,6 +278,12 @@ def run_node(plan: NodePlan, *, run_config: str, overrides: list[str], env: dict
     ranks = NodeRanks(plan, python=sys.executable, run_config=run_config, overrides=overrides, env=env)
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, ranks.forward)
+
+    def script_gone(why: str) -> None:
+        print(f"megamobi.launcher: {why}: the ranks save a checkpoint and stop", file=sys.stderr, flush=True)
+        ranks.forward(signal.SIGTERM, None)
+
+    watch_launch_script(script_gone)  # launch/pretrain.sh killed by SIGKILL: it could forward nothing
     return ranks.wait()
 
 

@@ -11,7 +11,8 @@ When one of them is gone (checked every 0.25 s, by pid and start time, so a reus
 fool it), the rank sends itself SIGTERM: it finishes its step, saves a checkpoint and exits with
 status 75, as when a launcher forwards SIGTERM (launch.stop_grace_s bounds a rank that cannot).
 A rank started any other way (srun, torchrun, by hand, under nohup) watches nothing: its parent's
-end is no reason to stop.
+end is no reason to stop. megamobi.launcher itself watches launch/pretrain.sh on one machine
+(MEGAMOBI_SCRIPT_PID): a SIGKILL of the script makes it forward SIGTERM to the ranks.
 
 A thread, not prctl(PR_SET_PDEATHSIG): that fires when the parent *thread* that started the rank
 ends, and cannot see a grandparent. Before the SIGTERM, a stdout/stderr that was a pipe to the dead
@@ -31,8 +32,10 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 LAUNCHER_PID_ENV = "MEGAMOBI_LAUNCHER_PID"
+SCRIPT_PID_ENV = "MEGAMOBI_SCRIPT_PID"  # launch/pretrain.sh, for megamobi.launcher on one machine
 POLL_S = 0.25
 
 
@@ -168,13 +171,25 @@ def _stop(why: str) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _watch(watched: list[Watched]) -> None:
+def _watch(watched: list[Watched], on_gone: Callable[[str], None]) -> None:
     while True:
         time.sleep(POLL_S)
         for launcher in watched:
             if _start_time(launcher.pid) != launcher.start:
-                _stop(f"{launcher.name} is gone")
+                on_gone(f"{launcher.name} is gone")
                 return
+
+
+def watch_launch_script(on_gone: Callable[[str], None], env: dict[str, str] | None = None) -> None:
+    """In megamobi.launcher: launch/pretrain.sh, its parent on one machine (MEGAMOBI_SCRIPT_PID), watched
+    the same way; on_gone(why) is called once, from the watch thread, when a SIGKILL has ended the script
+    (it forwards every other signal itself)."""
+    env = dict(os.environ if env is None else env)
+    expected, parent = env.get(SCRIPT_PID_ENV, ""), os.getppid()
+    if not os.path.isdir("/proc/self") or not expected.isdigit() or int(expected) != parent:
+        return  # under srun (the parent is slurmstepd), or started by hand: nothing to watch
+    watched = [Watched(parent, _start_time(parent), f"launch/pretrain.sh (pid {parent})")]
+    threading.Thread(target=_watch, args=(watched, on_gone), name="megamobi-script-watch", daemon=True).start()
 
 
 def start_parent_watch(env: dict[str, str] | None = None) -> None:
@@ -188,4 +203,4 @@ def start_parent_watch(env: dict[str, str] | None = None) -> None:
         return
     if watched:
         _guard_streams()
-        threading.Thread(target=_watch, args=(watched,), name="megamobi-parent-watch", daemon=True).start()
+        threading.Thread(target=_watch, args=(watched, _stop), name="megamobi-parent-watch", daemon=True).start()

@@ -162,3 +162,26 @@ def test_a_run_dir_that_is_a_file_stops_rank_0_in_one_line(tmp_path, token_shard
     assert out.stderr.strip() == ("megamobi: error: run_dir afile is a file, not a folder: give the run a folder (a new "
                                   "one, or the run's own) as run_dir"), out.stderr
     assert (tmp_path / "afile").read_text() == "not a folder"
+
+
+def test_sigkill_of_the_launch_script_stops_its_launcher_and_ranks(tmp_path, token_shards):
+    """`kill -9` of `bash launch/pretrain.sh` (it can forward nothing then): megamobi.launcher sees it gone
+    and forwards SIGTERM; the ranks stop (here while starting; a training rank saves first, as on any
+    SIGTERM the launcher forwards)."""
+    relative_run(tmp_path, token_shards, steps=100000)
+    proc = subprocess.Popen(["bash", SCRIPT, "run.yaml"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env=launch_env(NPROC_PER_NODE="2", MASTER_PORT=str(free_port())))
+    deadline = time.monotonic() + 120
+    while True:
+        launchers = [pid for pid in _children(proc.pid) if "megamobi.launcher node" in _cmdline(pid)]
+        ranks = _children(launchers[0]) if launchers else []
+        if len(ranks) == 2:
+            break
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    _wait_until_gone([*launchers, *ranks], within_s=10)
+    output, _ = proc.communicate(timeout=30)
+    assert f"megamobi.launcher: launch/pretrain.sh (pid {proc.pid}) is gone: the ranks save a checkpoint and stop" \
+        in output, output[-3000:]
