@@ -14,8 +14,9 @@ MASTER_PORT or else a free port (as `torchrun --standalone` does), so two local 
 Unlike DeepSpeed's per-node launcher (which kills its ranks 30 s after a SIGTERM), this one forwards
 SIGTERM and SIGUSR1 to its ranks and waits for them however long their checkpoint takes; SIGUSR1 is
 SLURM's time-limit warning. Its ranks never outlive it: each watches this process (MEGAMOBI_LAUNCHER_PID,
-megamobi/parent_watch.py) and, if it dies even by SIGKILL, saves a checkpoint and stops. Exit status: the ranks' (see megamobi/exit_codes.py); after a failure the
-last line names the rank that failed first and why (megamobi/rank_failure.py).
+megamobi/parent_watch.py) and, if it dies even by SIGKILL, saves a checkpoint and stops; on one machine
+it watches launch/pretrain.sh the same way. Exit status: the ranks' (see megamobi/exit_codes.py); after
+a failure the last line names the rank that failed first and why (megamobi/rank_failure.py).
 
 Global ranks follow DeepSpeed: node n runs ranks n*G .. n*G+G-1 (G processes per node), local
 rank = rank - n*G.
