@@ -186,8 +186,11 @@ def watch_launch_script(on_gone: Callable[[str], None], env: dict[str, str] | No
     (it forwards every other signal itself)."""
     env = dict(os.environ if env is None else env)
     expected, parent = env.get(SCRIPT_PID_ENV, ""), os.getppid()
-    if not os.path.isdir("/proc/self") or not expected.isdigit() or int(expected) != parent:
-        return  # under srun (the parent is slurmstepd), or started by hand: nothing to watch
+    if not os.path.isdir("/proc/self") or not expected.isdigit():
+        return  # under srun (the script does not set it there), or started by hand: nothing to watch
+    if int(expected) != parent:  # the script started this launcher and was killed before this point
+        on_gone(f"launch/pretrain.sh (pid {expected}) is gone")
+        return
     watched = [Watched(parent, _start_time(parent), f"launch/pretrain.sh (pid {parent})")]
     threading.Thread(target=_watch, args=(watched, on_gone), name="megamobi-script-watch", daemon=True).start()
 
