@@ -57,9 +57,22 @@ def _stat_fields(pid: int) -> list[str] | None:
 
 def _start_time(pid: int) -> str | None:
     fields = _stat_fields(pid)
-    if not fields or fields[0] in ("Z", "X"):  # a zombie has exited already
-        return None
-    return fields[19]
+    return fields[19] if fields else None
+
+
+def _gone(watched: Watched) -> bool:
+    """True once the process has ended for good: no such pid, another process under it, or a zombie
+    with no thread left. A killed multi-threaded launcher's main thread turns zombie while its other
+    threads still exit, and those still hold its files (the read end of a rank's stderr pipe) open."""
+    fields = _stat_fields(watched.pid)
+    if not fields or fields[19] != watched.start:
+        return True
+    if fields[0] not in ("Z", "X"):
+        return False
+    try:
+        return not any(task != str(watched.pid) for task in os.listdir(f"/proc/{watched.pid}/task"))
+    except OSError:
+        return True
 
 
 def _ppid(pid: int) -> int | None:
@@ -175,7 +188,7 @@ def _watch(watched: list[Watched], on_gone: Callable[[str], None]) -> None:
     while True:
         time.sleep(POLL_S)
         for launcher in watched:
-            if _start_time(launcher.pid) != launcher.start:
+            if _gone(launcher):
                 on_gone(f"{launcher.name} is gone")
                 return
 
