@@ -35,6 +35,7 @@ from megamobi.checkpointing.commit import CheckpointNotSaved, gather_rank_digest
 from megamobi.checkpointing.manifest import CHECKPOINTS, complete_checkpoints, read_manifest, verify_checkpoint
 from megamobi.checkpointing.writer import CheckpointWriter
 from megamobi.model_config import ModelConfig
+from megamobi.training import interval_health
 from megamobi.training.early_stop import slow_save_for_tests
 
 DEEPSPEED_DIR = "deepspeed"
@@ -175,7 +176,7 @@ def save_checkpoint(*, run_dir: Path, engine, state: TrainerState, model_config:
                 shutil.rmtree(partial, ignore_errors=True)
                 raise
             publish_checkpoint(partial, final, model_config=model_config, info=manifest_info, digests=digests)
-            prune_checkpoints(run_dir, keep_last=keep_last, protect=(final, *protect))
+            prune_checkpoints(run_dir, keep_last=keep_last, protect=(final, *protect), newest_healthy=final)
             if writer.background:
                 writer.report(f"saved checkpoint {final} (written in the background)")
         if failed is not None:
@@ -199,22 +200,23 @@ def drop_deepspeed_recovery_scripts(deepspeed_dir: Path) -> None:
         (deepspeed_dir / script).unlink(missing_ok=True)
 
 
-def prune_checkpoints(run_dir: Path, *, keep_last: int | None, protect: tuple[Path | None, ...]) -> list[Path]:
-    """Delete all but the newest `keep_last` checkpoints, never one in `protect` (the one just saved,
-    which `latest` names, and the one this run resumed from): a newer but broken checkpoint left by an
-    earlier attempt must not push them out. keep_last None keeps everything."""
+def prune_checkpoints(run_dir: Path, *, keep_last: int | None, protect: tuple[Path | None, ...],
+                      newest_healthy: Path | None = None) -> list[Path]:
+    """Delete the checkpoints keep_last says to (megamobi.training.interval_health): only older than the
+    newest healthy one (the one just saved; by default the one `latest` names), never it, never one in
+    `protect` (the one this run resumed from), and only healthy ones whose checksums pass: a newer, broken
+    or unhealthy checkpoint left by an earlier attempt is neither counted nor deleted. None keeps everything."""
     if keep_last is None:
         return []
     if keep_last < 1:  # refused by the run config's validation; never "delete everything"
         raise ValueError(f"keep_last must be at least 1, got {keep_last}")
-    keep = {Path(p).resolve() for p in protect if p is not None}
-    latest = checkpoints_dir(run_dir) / "latest"
-    if latest.is_file():
-        keep.add((checkpoints_dir(run_dir) / latest.read_text().strip()).resolve())
-    removed = [old for old in complete_checkpoints(run_dir)[:-keep_last] if old.resolve() not in keep]
-    for old in removed:
-        shutil.rmtree(old)
-    return removed
+    if newest_healthy is None:
+        latest = checkpoints_dir(run_dir) / "latest"
+        if not latest.is_file():
+            return []
+        newest_healthy = checkpoints_dir(run_dir) / latest.read_text().strip()
+    return interval_health.prune(complete_checkpoints(run_dir), newest_healthy=Path(newest_healthy), keep_last=keep_last,
+                                 protect={Path(p).resolve() for p in protect if p is not None})
 
 
 def load_checkpoint(checkpoint: Path, *, engine) -> TrainerState:
