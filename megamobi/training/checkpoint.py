@@ -32,7 +32,13 @@ import torch
 import torch.distributed as dist
 
 from megamobi.checkpointing.commit import CheckpointNotSaved, gather_rank_digests, publish_checkpoint, report_rank_done
-from megamobi.checkpointing.manifest import CHECKPOINTS, complete_checkpoints, read_manifest, verify_checkpoint
+from megamobi.checkpointing.manifest import (
+    CHECKPOINTS,
+    complete_checkpoints,
+    manifest_damage,
+    read_manifest,
+    verify_checkpoint,
+)
 from megamobi.checkpointing.writer import CheckpointWriter
 from megamobi.model_config import ModelConfig
 from megamobi.training import interval_health
@@ -65,9 +71,10 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINTS
 
 
-def find_resume_checkpoint(run_dir: str | Path, *, report) -> Path | None:
+def find_resume_checkpoint(run_dir: str | Path, *, report, skipped: list | None = None) -> Path | None:
     """The newest checkpoint that passes its checksums; broken ones are reported (by rank 0) and
-    skipped. Collective when torch.distributed is up: the ranks verify a share of the bytes each."""
+    skipped (and added to `skipped` as (checkpoint, problems)). Collective when torch.distributed is
+    up: the ranks verify a share of the bytes each."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     candidates = from_rank0(complete_checkpoints(run_dir) if rank == 0 else None)
     for candidate in reversed(candidates):
@@ -76,6 +83,8 @@ def find_resume_checkpoint(run_dir: str | Path, *, report) -> Path | None:
             return candidate
         if rank == 0:
             report(f"skipping checkpoint {candidate}: " + "; ".join(problems[:3]))
+        if skipped is not None:
+            skipped.append((candidate, problems))
     for partial in checkpoints_dir(run_dir).glob(".step_*.partial") if rank == 0 and checkpoints_dir(run_dir).is_dir() else []:
         report(f"ignoring incomplete checkpoint {partial} (the run stopped while writing it)")
     return None
@@ -90,8 +99,8 @@ def verify_checkpoint_across_ranks(checkpoint: Path) -> list[str]:
     readable = None
     if rank == 0:  # one reader of the manifest decides whether there is anything to share out
         try:
-            readable = bool(read_manifest(checkpoint))
-        except (FileNotFoundError, ValueError):
+            readable = manifest_damage(read_manifest(checkpoint)) is None
+        except (OSError, ValueError):
             readable = False
     if not from_rank0(readable):
         return from_rank0(verify_checkpoint(checkpoint) if rank == 0 else None)

@@ -8,7 +8,6 @@ that time is up), and stop at the configured number of steps or tokens.
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import socket
@@ -32,10 +31,10 @@ from megamobi.parallel.build import build_parallel_model
 from megamobi.parallel.groups import Layout, ParallelGroups
 from megamobi.parallel.pipeline import sync_shared_ffn_replicas
 from megamobi.parallel.shard_specs import load_full_state_dict
+from megamobi.training.append_logs import truncate_metrics
 from megamobi.training.checkpoint import (
     TrainerState,
     complete_checkpoints,
-    find_resume_checkpoint,
     load_checkpoint,
     read_trainer_state,
     save_checkpoint,
@@ -51,6 +50,7 @@ from megamobi.training.optimizer import build_optimizer
 from megamobi.training.portable_state import adam_step, load_portable_optimizer_state, write_portable_state
 from megamobi.training.preflight import check_trainer_start
 from megamobi.training.recovery import Recovery
+from megamobi.training.resume_choice import prepare_run_dir
 from megamobi.training.run_config import RunConfig
 from megamobi.training.schedule import LrSchedule
 from megamobi.training.schedule_checks import ScheduleRecord
@@ -195,8 +195,9 @@ class Trainer:
                 raise ConfigError(f"{self.run_dir} already holds checkpoints and checkpoint.resume is false: a new run "
                                   "would overwrite them. Use a new run_dir, or checkpoint.resume: true to continue.")
             return None
-        # Every rank verifies a share of the checkpoint's bytes.
-        return find_resume_checkpoint(self.run_dir, report=lambda msg: print(f"[megamobi] {msg}", flush=True))
+        # Every rank verifies a share of the checkpoint's bytes; none usable: exit 2, or a restart that
+        # moves them aside (checkpoint.restart_from_scratch); torn last lines of the logs are cut off.
+        return prepare_run_dir(self.run, report=lambda msg: print(f"[megamobi] {msg}", flush=True))
 
     def _resume(self, checkpoint: Path, *, saved_layout: dict | None, reshard: bool) -> None:
         if reshard:
@@ -499,10 +500,5 @@ def _gather_hosts() -> list[str]:
 
 def _truncate_metrics(path: Path, *, after_step: int) -> None:
     """After a resume, drop log lines of steps that the restored checkpoint never saw, so that
-    metrics.jsonl reads as if the run had never been interrupted."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= after_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    metrics.jsonl reads as if the run had never been interrupted (a torn last line is cut off first)."""
+    truncate_metrics(path, after_step=after_step)
