@@ -188,7 +188,7 @@ class TrainOrder:
             perm = epoch_permutation(num_samples=self.num_windows, seed=self.seed, epoch=int(epoch))
             windows[mask] = perm(positions[mask] % self.num_windows)
         picks, window = np.divmod(windows, self.per_sample)
-        subset = self.blend.index[picks] if self.blend is not None else picks
+        subset = self.blend.subset_indices(picks) if self.blend is not None else picks
         return self.train.base_indices_of(subset), window * self.seq_len
 
     def positions_of(self, base_index: int, *, start: int, stop: int) -> list[tuple[int, int]] | None:

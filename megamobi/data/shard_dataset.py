@@ -27,6 +27,7 @@ class ShardedDataset:
         self._bins: list[np.memmap] = []
         self._src_files: list[Path] = []
         self._src_maps: list[np.ndarray] = []  # local source id -> global id, per shard
+        self._src_mmaps: dict[int, np.ndarray] = {}  # shard -> its .src.npy memory-mapped (sources_at)
         self.bin_paths: list[Path] = []  # per shard, for provenance listings (megamobi.replay)
         self.directory_starts: dict[str, tuple[int, int]] = {}  # path as given -> (first index, samples)
         counts: list[int] = []
@@ -80,6 +81,29 @@ class ShardedDataset:
         """Global source id of one sample (reads one entry of its shard's source file)."""
         shard, row = self.locate(int(index))
         return int(self._src_maps[shard][np.load(self._src_files[shard], mmap_mode="r")[row]])
+
+    def shard_sources(self, shard: int) -> np.ndarray:
+        """Local source ids of one shard's rows (its .src.npy, memory-mapped once)."""
+        if shard not in self._src_mmaps:
+            self._src_mmaps[shard] = np.load(self._src_files[shard], mmap_mode="r")
+        return self._src_mmaps[shard]
+
+    def sources_at(self, indices: np.ndarray) -> np.ndarray:
+        """Global source id of each sample index (vectorised; reads only the rows asked for)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty_like(indices)
+        if not indices.size:
+            return out
+        shards = np.searchsorted(self._offsets, indices, side="right") - 1
+        order = np.argsort(shards, kind="stable")
+        grouped = shards[order]
+        cuts = np.flatnonzero(np.diff(grouped)) + 1
+        for first, last in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(order)]])):
+            shard = int(grouped[first])
+            chosen = order[first:last]
+            local = self.shard_sources(shard)[indices[chosen] - self._offsets[shard]]
+            out[chosen] = self._src_maps[shard][np.asarray(local, dtype=np.int64)]
+        return out
 
     def sample_sources(self) -> np.ndarray:
         """Global source id of every sample (int64, one entry per sample). O(N): used only for
