@@ -288,3 +288,17 @@ def _merge_picks(positions: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray,
         k[rows, first] += 1
         need[rows] -= 1
     return slot, k[np.arange(len(positions)), slot]
+
+
+def _picks_before(count: int, time: float, *, ties_first: bool) -> int:
+    """How many of a source's `count` picks, at times (k + 0.5) / count, sort before `time`
+    (binary search with the merge's own float expression, so ties are found exactly)."""
+    lo, hi = 0, count
+    while lo < hi:
+        mid = (lo + hi) // 2
+        t = (mid + 0.5) / count
+        if t < time or (ties_first and t == time):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
