@@ -27,7 +27,7 @@ from megamobi.checkpointing.recorded_paths import LAUNCH_DIR_KEY, resolve_record
 from megamobi.files import sha256_file
 
 from .errors import DataError
-from .indexed_format import SEQ_LEN
+from .indexed_format import SEQ_LEN, TOKEN_DTYPE
 from .manifest import MANIFEST_NAME as SHARD_MANIFEST
 from .sampler import epoch_permutation
 from .shard_dataset import ShardedDataset
@@ -244,8 +244,8 @@ class TrainOrder:
         return {n: float(c) / max(int(counts.sum()), 1) for n, c in zip(self.base.sources, counts)}
 
     def windows_tokens(self, shards: np.ndarray, rows: np.ndarray, offsets: np.ndarray, *, length: int) -> np.ndarray:
-        """(n, length) int64 tokens of n windows: row rows[i] of shard shards[i] from token offsets[i]."""
-        out = np.empty((len(rows), length), dtype=np.int64)
+        """(n, length) tokens of n windows: row rows[i] of shard shards[i] from token offsets[i]."""
+        out = np.empty((len(rows), length), dtype=TOKEN_DTYPE)
         columns = np.arange(length)
         for shard in np.unique(shards):
             mask = shards == shard
@@ -365,22 +365,23 @@ class RunReplay:
                 raise ReplayError(f"--rank {rank}: steps {lo}-{hi} ran with {d} data-parallel rank(s) (0..{d - 1})")
             ranks = range(d) if rank is None else [rank]
             for step in range(lo, hi + 1):
+                # One vectorised read per step: every asked rank's windows, their shards, rows, sources
+                # and tokens (a (n, seq_len + 1) array turned into lists by numpy, not token by token).
                 start = segment.position(step)
-                for r in ranks:
-                    positions = np.arange(start + r * per_rank, start + (r + 1) * per_rank, dtype=np.int64)
-                    bases, offsets = order.windows_at(positions)
-                    # One vectorised read per rank and step: shards, rows, sources and the token windows
-                    # (a (per_rank, seq_len + 1) array turned into lists by numpy, not token by token).
-                    shards = np.searchsorted(order.base._offsets, bases, side="right") - 1
-                    rows = bases - order.base._offsets[shards]
-                    sources = order.sources_of(bases)
-                    tokens = order.windows_tokens(shards, rows, offsets, length=segment.seq_len + 1)
-                    skipped = step in segment.skipped_steps
-                    for i, (base, shard, row, offset, source, window) in enumerate(zip(
-                            bases.tolist(), shards.tolist(), rows.tolist(), offsets.tolist(), sources.tolist(), tokens.tolist())):
-                        yield Sequence(step=step, stage=segment.stage + 1, rank=r, micro_batch=i // mb, sample_index=base,
-                                       shard=str(order.base.bin_paths[shard]), row=row, offset=offset,
-                                       source=order.base.sources[source], tokens=window, skipped=skipped)
+                positions = np.concatenate([np.arange(start + r * per_rank, start + (r + 1) * per_rank, dtype=np.int64)
+                                            for r in ranks])
+                bases, offsets = order.windows_at(positions)
+                shards = np.searchsorted(order.base._offsets, bases, side="right") - 1
+                rows = bases - order.base._offsets[shards]
+                sources = order.sources_of(bases)
+                tokens = order.windows_tokens(shards, rows, offsets, length=segment.seq_len + 1)
+                skipped = step in segment.skipped_steps
+                for i, (base, shard, row, offset, source, window) in enumerate(zip(
+                        bases.tolist(), shards.tolist(), rows.tolist(), offsets.tolist(), sources.tolist(), tokens.tolist())):
+                    r, within = ranks[i // per_rank], i % per_rank
+                    yield Sequence(step=step, stage=segment.stage + 1, rank=r, micro_batch=within // mb, sample_index=base,
+                                   shard=str(order.base.bin_paths[shard]), row=row, offset=offset,
+                                   source=order.base.sources[source], tokens=window, skipped=skipped)
 
     def find(self, location: str) -> dict[str, Any]:
         """Where one sample's windows were consumed: {"sample_index", "shard", "row", "source",
