@@ -1,4 +1,5 @@
 """Memory-mapped read access to one or more shard directories."""
+import os
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ class ShardedDataset:
         self._src_files: list[Path] = []
         self._src_maps: list[np.ndarray] = []  # local source id -> global id, per shard
         self._src_mmaps: dict[int, np.ndarray] = {}  # shard -> its .src.npy memory-mapped (sources_at)
+        self._src_data_offsets: dict[int, int] = {}  # shard -> where its .src.npy array starts (sources_between)
         self.bin_paths: list[Path] = []  # per shard, for provenance listings (megamobi.replay)
         self.directory_starts: dict[str, tuple[int, int]] = {}  # path as given -> (first index, samples)
         counts: list[int] = []
@@ -104,6 +106,23 @@ class ShardedDataset:
             local = self.shard_sources(shard)[indices[chosen] - self._offsets[shard]]
             out[chosen] = self._src_maps[shard][np.asarray(local, dtype=np.int64)]
         return out
+
+    def sources_between(self, first: int, last: int) -> np.ndarray:
+        """Global source ids of samples [first, last), read with pread (no memory map: a long-running
+        rank reading a block here and there does not accumulate mapped pages, which the kernel's
+        read-ahead makes large)."""
+        parts = []
+        shard = int(np.searchsorted(self._offsets, first, side="right")) - 1
+        while first < last:
+            start, stop = first - int(self._offsets[shard]), min(last, int(self._offsets[shard + 1])) - int(self._offsets[shard])
+            if shard not in self._src_data_offsets:  # the .npy header's length (mapping touches no page)
+                self._src_data_offsets[shard] = int(np.load(self._src_files[shard], mmap_mode="r").offset)
+            with open(self._src_files[shard], "rb") as stream:
+                raw = os.pread(stream.fileno(), (stop - start) * 2, self._src_data_offsets[shard] + start * 2)
+            parts.append(self._src_maps[shard][np.frombuffer(raw, dtype="<u2").astype(np.int64)])
+            first += stop - start
+            shard += 1
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def sample_sources(self) -> np.ndarray:
         """Global source id of every sample (int64, one entry per sample). O(N): used only for

@@ -199,28 +199,26 @@ class SourceRanks:
     def _block_sources(self, block: int) -> np.ndarray:
         b = self._subset._block_size
         first = int(self._subset._blocks[block]) * b
-        return self._shards.sources_at(np.arange(first, min(first + b, len(self._shards)), dtype=np.int64))
+        return self._shards.sources_between(first, min(first + b, len(self._shards)))
 
-    def select(self, sources: np.ndarray, q: np.ndarray, *, cells: int = 1 << 22) -> np.ndarray:
+    def select(self, sources: np.ndarray, q: np.ndarray) -> np.ndarray:
         """Subset index of the q-th sample (0-based, subset order) of source sources[i], for every i:
-        the block from the cumulated counts, then the position in it from the block's source ids
-        (read for all picks at once, `cells` ids at a time)."""
+        the block from the cumulated counts, then the position in it from the block's source ids (one
+        read per block involved)."""
         sources, q = np.asarray(sources, dtype=np.int64), np.asarray(q, dtype=np.int64)
+        block = np.empty_like(q)
+        for source in np.unique(sources):
+            mask = sources == source
+            block[mask] = np.searchsorted(self._cumulative[:, source], q[mask], side="right") - 1
+        within = q - self._cumulative[block, sources]
         out = np.empty_like(q)
-        b, n = self._subset._block_size, len(self._shards)
-        step = max(1, cells // b)
-        for first in range(0, len(q), step):
-            src, want = sources[first:first + step], q[first:first + step]
-            block = np.empty_like(want)
-            for source in np.unique(src):
-                mask = src == source
-                block[mask] = np.searchsorted(self._cumulative[:, source], want[mask], side="right") - 1
-            within = want - self._cumulative[block, src]
-            rows = self._subset._blocks[block][:, None] * b + np.arange(b)[None, :]
-            inside = rows < n
-            ids = self._shards.sources_at(np.minimum(rows, n - 1).ravel()).reshape(rows.shape)
-            seen = np.cumsum((ids == src[:, None]) & inside, axis=1)
-            out[first:first + step] = self._subset._offsets[block] + np.argmax(seen == (within + 1)[:, None], axis=1)
+        order = np.argsort(block, kind="stable")
+        cuts = np.flatnonzero(np.diff(block[order])) + 1
+        for group in np.split(order, cuts) if len(order) else []:
+            b = int(block[group[0]])
+            ids = self._block_sources(b)
+            for i in group.tolist():
+                out[i] = self._subset._offsets[b] + np.flatnonzero(ids == sources[i])[within[i]]
         return out
 
     def rank(self, subset_index: int) -> tuple[int, int]:

@@ -19,8 +19,8 @@ from megamobi.data.shard_dataset import ShardedDataset
 from megamobi.data.subsets import MAX_SPLIT_BLOCKS, BlendedDataset, split_train_val
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from legacy_blend import legacy_blend_index  # noqa: E402
-from synthetic_shards import AMBER_TOKENS_B, SAMPLE_TOKENS, write_sparse_shards  # noqa: E402
+from legacy_blend import legacy_blend_index
+from synthetic_shards import AMBER_TOKENS_B, SAMPLE_TOKENS, write_sparse_shards
 
 CASES = [  # (val_fraction, weights): Amber's own mix; upsampling small sources; zero and missing weights
     (0.0, AMBER_TOKENS_B),
@@ -40,9 +40,10 @@ def test_order_and_inverse_equal_the_per_sample_index(amber, val_fraction, weigh
     blend = BlendedDataset(train, weights=weights)
     reference = legacy_blend_index(train.sample_sources(), train.sources, weights)
     assert len(blend) == len(reference) == len(train)
-    assert np.array_equal(blend.subset_indices(np.arange(len(blend))), reference)
-    assert np.array_equal(blend.sample_sources(), train.sample_sources()[reference])
+    assert np.array_equal(blend.sample_sources(), train.sample_sources()[reference])  # every position's source
     rng = np.random.default_rng(0)
+    positions = np.concatenate([np.arange(2000), rng.choice(len(blend), 3000, replace=False)])
+    assert np.array_equal(blend.subset_indices(positions), reference[positions])  # and sample
     for sample in rng.choice(len(train), 40, replace=False).tolist() + [0, len(train) - 1]:
         assert blend.positions_of(sample) == np.flatnonzero(reference == sample).tolist(), sample
     picked = int(reference[12345])
