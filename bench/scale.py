@@ -63,7 +63,7 @@ def rss():
 
 kind, path, weights = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 base_rss = rss()
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 if kind == "legacy":
     train, _ = split_train_val(ShardedDataset([path]), val_fraction=0.0, seed=1234)
     index = legacy_blend_index(train.sample_sources(), train.sources, weights)
@@ -75,10 +75,10 @@ else:
     t = time.perf_counter()
     train.subset_indices(positions)
     batch_s = time.perf_counter() - t
-elapsed = time.perf_counter() - start
+elapsed, cpu_s = time.perf_counter() - start, time.process_time() - cpu
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({{"samples": len(train), "seconds": elapsed if kind == "legacy" else start_s,
-                  "batch_s": None if kind == "legacy" else batch_s,
+                  "batch_s": None if kind == "legacy" else batch_s, "cpu_s": cpu_s,
                   "peak_above_import": max(peak - base_rss, 1), "held": rss() - base_rss}}))
 """
 
@@ -134,10 +134,12 @@ def blend_rows(figures: dict) -> list[dict]:
          "anchor": f"{legacy_peak / 2**20:.0f} (per-sample index: {peak_b:.1f} B/sample fit at {legacy_where})",
          "ratio": largest["cached"]["peak_above_import"] / legacy_peak, "goal": "<= 1 GiB",
          "met": largest["cached"]["peak_above_import"] <= GIB},
-        {"name": f"blend start, seconds, cached table, {where}", "measured": largest["cached"]["seconds"],
+        {"name": f"blend start, seconds, cached table, {where} ({largest['cached']['cpu_s']:.1f} CPU-s)",
+         "measured": largest["cached"]["seconds"],
          "anchor": f"{legacy_s:.3g} (per-sample index, fit)", "ratio": largest["cached"]["seconds"] / legacy_s,
          "goal": "<= 10 s", "met": largest["cached"]["seconds"] <= 10},
-        {"name": f"blend first start (builds + caches the table), seconds, {where}",
+        {"name": f"blend first start (builds + caches the table), seconds, {where} "
+                 f"({largest['first']['cpu_s']:.1f} CPU-s)",
          "measured": largest["first"]["seconds"], "anchor": f"{legacy_s:.3g} (per-sample index, fit)",
          "ratio": largest["first"]["seconds"] / legacy_s, "goal": "<= 10 s", "met": largest["first"]["seconds"] <= 10},
         {"name": "blend first start, peak above import (MiB)", "measured": largest["first"]["peak_above_import"] / 2**20,
@@ -223,14 +225,15 @@ def replay_figures(*, tokens: float, shards: int, checkpoints: int, workdir: Pat
         run = _fake_run(workdir / f"run_{label}", path, weights=weights, checkpoints=checkpoints,
                         steps_per_checkpoint=steps_per_checkpoint, ranks=ranks, global_batch=global_batch,
                         seq_len=seq_len)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         mixes = consumed_mixes(run)
-        first_s = time.perf_counter() - start
+        first_s, first_cpu_s = time.perf_counter() - start, time.process_time() - cpu
         assert all(mixes.values()), mixes
         start = time.perf_counter()
         consumed_mixes(run)
         cached_s = time.perf_counter() - start
-        figures[label] = {"first_per_checkpoint_s": first_s / checkpoints, "cached_per_checkpoint_s": cached_s / checkpoints}
+        figures[label] = {"first_per_checkpoint_s": first_s / checkpoints, "cached_per_checkpoint_s": cached_s / checkpoints,
+                          "first_per_checkpoint_cpu_s": first_cpu_s / checkpoints}
     # --steps: one step at `ranks` ranks, today's vectorised read against the per-token loop, on the same
     # warmed replay (shards opened, pages cached), the best of three each.
     replay = RunReplay(workdir / "run_unblended")
@@ -254,7 +257,8 @@ def replay_rows(figures: dict) -> list[dict]:
     steps = figures["steps_per_checkpoint"]
     for label in ("blended", "unblended"):
         entry = figures[label]
-        rows.append({"name": f"megamobi.checkpoints, {label}, per checkpoint ({steps} steps), first call, s",
+        rows.append({"name": f"megamobi.checkpoints, {label}, per checkpoint ({steps} steps), first call, s "
+                             f"({entry['first_per_checkpoint_cpu_s']:.2f} CPU-s)",
                      "measured": entry["first_per_checkpoint_s"], "anchor": "1 s", "ratio": entry["first_per_checkpoint_s"],
                      "goal": "<= 1 s", "met": entry["first_per_checkpoint_s"] <= 1})
         rows.append({"name": f"megamobi.checkpoints, {label}, per checkpoint, cached, s",

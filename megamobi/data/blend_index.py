@@ -30,7 +30,8 @@ CACHE_DIR = ".blend"
 
 
 def _build(shards, *, block_size: int) -> np.ndarray:
-    """(blocks, sources) int32 counts, one shard's .src.npy at a time (bounded memory)."""
+    """(blocks, sources) int32 counts, one shard's .src.npy at a time (bounded memory): per local source
+    id, a sum of `ids == id` over each block's part of the shard (np.add.reduceat on uint16 compares)."""
     num_sources = max(len(shards.sources), 1)
     total = len(shards)
     counts = np.zeros((-(-total // block_size), num_sources), dtype=np.int32)
@@ -38,12 +39,11 @@ def _build(shards, *, block_size: int) -> np.ndarray:
         first, last = int(shards._offsets[shard]), int(shards._offsets[shard + 1])
         if last == first:
             continue
-        sources = shards._src_maps[shard][np.asarray(np.load(shards._src_files[shard]), dtype=np.int64)]
+        ids = np.load(shards._src_files[shard])
         first_block, last_block = first // block_size, (last - 1) // block_size
-        blocks = np.arange(first, last, dtype=np.int64) // block_size - first_block
-        span = last_block - first_block + 1
-        counts[first_block:last_block + 1] += np.bincount(blocks * num_sources + sources,
-                                                          minlength=span * num_sources).reshape(span, num_sources).astype(np.int32)
+        starts = np.maximum(np.arange(first_block, last_block + 1, dtype=np.int64) * block_size - first, 0)
+        for local, global_id in enumerate(shards._src_maps[shard].tolist()):
+            counts[first_block:last_block + 1, global_id] += np.add.reduceat(ids == local, starts, dtype=np.int32)
     return counts
 
 

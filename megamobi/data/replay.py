@@ -178,6 +178,7 @@ class TrainOrder:
         self.num_windows = len(self.blend if self.blend is not None else self.train) * self.per_sample
         if not self.num_windows:
             raise ReplayError(f"{data['paths']}: no training samples")
+        self._natural: dict[str, float] | None = None
 
     def _picks(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Global positions -> (pick in the training view, window within the sample)."""
@@ -232,16 +233,15 @@ class TrainOrder:
         return self.base.sources_at(bases)
 
     def natural_mix(self) -> dict[str, float]:
-        """Source shares of the training split (what an unblended run consumes on average), shard by shard."""
-        counts = np.zeros(len(self.base.sources), dtype=np.int64)
-        for shard in range(len(self.base.bin_paths)):
-            first, last = int(self.base._offsets[shard]), int(self.base._offsets[shard + 1])
-            if last == first:
-                continue
-            in_train = np.isin(np.arange(first, last) // self.train._block_size, self.train._blocks)
-            local, mapping = self._shard_sources(shard)
-            counts += np.bincount(mapping[np.asarray(local, dtype=np.int64)[in_train]], minlength=len(counts))
-        return {n: float(c) / max(int(counts.sum()), 1) for n, c in zip(self.base.sources, counts)}
+        """Source shares of the training split (what an unblended run consumes on average): the split's
+        blocks summed in the blend's per-block source table (megamobi/data/blend_index.py, cached)."""
+        if self._natural is None:
+            from .blend_index import block_source_counts
+
+            table = block_source_counts(self.base, block_size=self.train._block_size)
+            counts = np.asarray(table[self.train._blocks].sum(axis=0, dtype=np.int64))[:len(self.base.sources)]
+            self._natural = {n: float(c) / max(int(counts.sum()), 1) for n, c in zip(self.base.sources, counts)}
+        return self._natural
 
     def windows_tokens(self, shards: np.ndarray, rows: np.ndarray, offsets: np.ndarray, *, length: int) -> np.ndarray:
         """(n, length) tokens of n windows: row rows[i] of shard shards[i] from token offsets[i]."""

@@ -91,7 +91,9 @@ class ShardedDataset:
         return self._src_mmaps[shard]
 
     def sources_at(self, indices: np.ndarray) -> np.ndarray:
-        """Global source id of each sample index (vectorised; reads only the rows asked for)."""
+        """Global source id of each sample index (vectorised): a shard with many rows asked for (1 in
+        64 or more: a replayed checkpoint interval) is read whole, sequentially; a few rows come from
+        its memory map."""
         indices = np.asarray(indices, dtype=np.int64)
         out = np.empty_like(indices)
         if not indices.size:
@@ -103,9 +105,19 @@ class ShardedDataset:
         for first, last in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(order)]])):
             shard = int(grouped[first])
             chosen = order[first:last]
-            local = self.shard_sources(shard)[indices[chosen] - self._offsets[shard]]
+            rows = indices[chosen] - self._offsets[shard]
+            if len(chosen) * 64 >= self._offsets[shard + 1] - self._offsets[shard]:
+                local = np.fromfile(self._src_files[shard], dtype="<u2", offset=self._src_offset(shard))[rows]
+            else:  # a few rows: from the memory map
+                local = self.shard_sources(shard)[rows]
             out[chosen] = self._src_maps[shard][np.asarray(local, dtype=np.int64)]
         return out
+
+    def _src_offset(self, shard: int) -> int:
+        """Where a shard's .src.npy array starts (the .npy header's length; mapping touches no page)."""
+        if shard not in self._src_data_offsets:
+            self._src_data_offsets[shard] = int(np.load(self._src_files[shard], mmap_mode="r").offset)
+        return self._src_data_offsets[shard]
 
     def sources_between(self, first: int, last: int) -> np.ndarray:
         """Global source ids of samples [first, last), read with pread (no memory map: a long-running
@@ -115,10 +127,8 @@ class ShardedDataset:
         shard = int(np.searchsorted(self._offsets, first, side="right")) - 1
         while first < last:
             start, stop = first - int(self._offsets[shard]), min(last, int(self._offsets[shard + 1])) - int(self._offsets[shard])
-            if shard not in self._src_data_offsets:  # the .npy header's length (mapping touches no page)
-                self._src_data_offsets[shard] = int(np.load(self._src_files[shard], mmap_mode="r").offset)
             with open(self._src_files[shard], "rb") as stream:
-                raw = os.pread(stream.fileno(), (stop - start) * 2, self._src_data_offsets[shard] + start * 2)
+                raw = os.pread(stream.fileno(), (stop - start) * 2, self._src_offset(shard) + start * 2)
             parts.append(self._src_maps[shard][np.frombuffer(raw, dtype="<u2").astype(np.int64)])
             first += stop - start
             shard += 1

@@ -33,7 +33,9 @@ class BlockSubset:
     def base_indices_of(self, indices: np.ndarray) -> np.ndarray:
         """Vectorised base_index: subset indices -> base indices."""
         indices = np.asarray(indices, dtype=np.int64)
-        k = np.searchsorted(self._offsets, indices, side="right") - 1
+        # Every block holds block_size samples but the corpus's last, which sorts last: the k-th
+        # block of the subset starts at k * block_size (no search over the offsets).
+        k = indices // self._block_size
         return self._blocks[k] * self._block_size + indices - self._offsets[k]
 
     def subset_index(self, base_index: int) -> int | None:
