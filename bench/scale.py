@@ -222,21 +222,28 @@ def replay_figures(*, tokens: float, shards: int, checkpoints: int, workdir: Pat
         write_sparse_shards(path, tokens=int(tokens), shards=shards)
     figures: dict = {"tokens": tokens, "steps_per_checkpoint": steps_per_checkpoint, "checkpoints": checkpoints}
     for label, weights in (("blended", AMBER_WEIGHTS), ("unblended", None)):
-        run = _fake_run(workdir / f"run_{label}", path, weights=weights, checkpoints=checkpoints,
-                        steps_per_checkpoint=steps_per_checkpoint, ranks=ranks, global_batch=global_batch,
-                        seq_len=seq_len)
-        start, cpu = time.perf_counter(), time.process_time()
-        mixes = consumed_mixes(run)
-        first_s, first_cpu_s = time.perf_counter() - start, time.process_time() - cpu
-        assert all(mixes.values()), mixes
+        # A fresh call over 1 and over `checkpoints` checkpoints: the difference is the marginal cost of
+        # a checkpoint (its steps replayed), the rest the call's fixed cost (opening the data, the table).
+        calls = {}
+        for count in (1, checkpoints):
+            run = _fake_run(workdir / f"run_{label}_{count}", path, weights=weights, checkpoints=count,
+                            steps_per_checkpoint=steps_per_checkpoint, ranks=ranks, global_batch=global_batch,
+                            seq_len=seq_len)
+            start, cpu = time.perf_counter(), time.process_time()
+            mixes = consumed_mixes(run)
+            calls[count] = (time.perf_counter() - start, time.process_time() - cpu)
+            assert len(mixes) == count and all(mixes.values()), mixes
         start = time.perf_counter()
         consumed_mixes(run)
         cached_s = time.perf_counter() - start
-        figures[label] = {"first_per_checkpoint_s": first_s / checkpoints, "cached_per_checkpoint_s": cached_s / checkpoints,
-                          "first_per_checkpoint_cpu_s": first_cpu_s / checkpoints}
+        extra = max(checkpoints - 1, 1)
+        figures[label] = {"first_per_checkpoint_s": (calls[checkpoints][0] - calls[1][0]) / extra,
+                          "first_per_checkpoint_cpu_s": (calls[checkpoints][1] - calls[1][1]) / extra,
+                          "fixed_s": calls[1][0], "fixed_cpu_s": calls[1][1],
+                          "cached_per_checkpoint_s": cached_s / checkpoints}
     # --steps: one step at `ranks` ranks, today's vectorised read against the per-token loop, on the same
     # warmed replay (shards opened, pages cached), the best of three each.
-    replay = RunReplay(workdir / "run_unblended")
+    replay = RunReplay(workdir / f"run_unblended_{checkpoints}")
     step = steps_per_checkpoint
     sum(len(seq.tokens) for seq in replay.sequences(step - 1, step - 1))
     new_s, old_s = [], []
@@ -257,8 +264,8 @@ def replay_rows(figures: dict) -> list[dict]:
     steps = figures["steps_per_checkpoint"]
     for label in ("blended", "unblended"):
         entry = figures[label]
-        rows.append({"name": f"megamobi.checkpoints, {label}, per checkpoint ({steps} steps), first call, s "
-                             f"({entry['first_per_checkpoint_cpu_s']:.2f} CPU-s)",
+        rows.append({"name": f"megamobi.checkpoints, {label}, per new checkpoint ({steps} steps), s "
+                             f"({entry['first_per_checkpoint_cpu_s']:.2f} CPU-s; per call +{entry['fixed_s']:.2f} s)",
                      "measured": entry["first_per_checkpoint_s"], "anchor": "1 s", "ratio": entry["first_per_checkpoint_s"],
                      "goal": "<= 1 s", "met": entry["first_per_checkpoint_s"] <= 1})
         rows.append({"name": f"megamobi.checkpoints, {label}, per checkpoint, cached, s",
@@ -292,7 +299,7 @@ def run(*, sections: list[str], quick: bool, workdir: Path) -> dict:
         print_rows("blend", out["blend"])
     if "replay" in sections:
         if quick:
-            settings = dict(tokens=1e9, ranks=8, global_batch=64, seq_len=PAPER_SEQ, steps_per_checkpoint=200, checkpoints=2)
+            settings = dict(tokens=1e9, ranks=8, global_batch=64, seq_len=PAPER_SEQ, steps_per_checkpoint=200, checkpoints=3)
         else:  # the paper: 1.26T tokens in 363 checkpoints of 800 x 2048-token sequences
             steps = int(PAPER_TOKENS / (PAPER_GLOBAL_BATCH * PAPER_SEQ) / PAPER_CHECKPOINTS)
             settings = dict(tokens=PAPER_TOKENS, ranks=PAPER_RANKS, global_batch=PAPER_GLOBAL_BATCH, seq_len=PAPER_SEQ,

@@ -50,7 +50,8 @@ def test_scale_driver_blend_and_replay_rows(tmp_path, capsys):
     _check([r for r in out["blend"] if r["goal"] != "info"], ["<= 1 GiB", "<= 10 s", "<= 10 s", "<= 1 GiB"])
     assert [r["goal"] for r in out["replay"]] == ["<= 1 s"] * 4 + [">= 10x"]
     legacy = out["blend_figures"]["legacy"]
-    assert [e["tokens"] for e in legacy] == [2e8, 1e9] and legacy[1]["peak_above_import"] > legacy[0]["peak_above_import"]
+    assert [e["tokens"] for e in legacy] == [2e8, 1e9] and abs(legacy[1]["samples"] - 5 * legacy[0]["samples"]) <= 5
+    assert all(e["peak_above_import"] > 0 and e["seconds"] > 0 for e in legacy)
     replay = out["replay_figures"]
     assert replay["steps_tokens"] == 64 * 2049 and replay["legacy_steps_s"] > 0
     printed = capsys.readouterr().out
