@@ -221,6 +221,9 @@ def replay_figures(*, tokens: float, shards: int, checkpoints: int, workdir: Pat
     if not (path / "manifest.json").is_file():
         write_sparse_shards(path, tokens=int(tokens), shards=shards)
     figures: dict = {"tokens": tokens, "steps_per_checkpoint": steps_per_checkpoint, "checkpoints": checkpoints}
+    from megamobi.data import build_datasets
+
+    build_datasets([path], source_weights=AMBER_WEIGHTS)  # the shard set's block table, built once (blend rows)
     for label, weights in (("blended", AMBER_WEIGHTS), ("unblended", None)):
         # A fresh call over 1 and over `checkpoints` checkpoints: the difference is the marginal cost of
         # a checkpoint (its steps replayed), the rest the call's fixed cost (opening the data, the table).

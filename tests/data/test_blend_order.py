@@ -107,3 +107,15 @@ def test_nothing_per_sample_is_held(tmp_path):
     held = sum(a.nbytes for a in vars(train._ranks).values() if isinstance(a, np.ndarray))
     assert held <= (MAX_SPLIT_BLOCKS + 1) * 7 * 8  # one int64 per block and source, blocks of 3 samples
     assert all(a.nbytes < 1024 for a in vars(train).values() if isinstance(a, np.ndarray))
+
+
+def test_preprocess_overwrite_removes_the_table(tmp_path):
+    from synthetic_shards import write_synthetic_shards
+
+    shards = write_synthetic_shards(tmp_path / "shards", samples=4, vocab_size=100)
+    build_datasets([shards], source_weights={"synthetic": 1.0})
+    assert list((shards / CACHE_DIR).glob("source_blocks-*.npy"))
+    write_synthetic_shards(shards, samples=5, vocab_size=100)  # preprocess --overwrite
+    assert not (shards / CACHE_DIR).exists()
+    train, _ = build_datasets([shards], source_weights={"synthetic": 1.0})
+    assert len(train) == 5
