@@ -110,7 +110,7 @@ def evaluate(*, checkpoint: str, data: list[str] | None = None, split: str = "al
 
     checkpoint_arg(checkpoint)
     manifest = read_manifest(checkpoint)
-    model = load_model(checkpoint).to(device)
+    model = load_model(checkpoint, use="evaluate").to(device)  # verified against its manifest first
     recorded_len = ((manifest.get("run_config") or {}).get("batch") or {}).get("seq_len")
     if seq_len is None:
         seq_len = default_seq_len(max_seq_len=model.config.max_seq_len, recorded=recorded_len)

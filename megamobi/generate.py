@@ -13,6 +13,7 @@ import torch
 
 from megamobi.checkpointing.manifest import checkpoint_model_config
 from megamobi.checkpointing.model_files import read_full_model
+from megamobi.checkpointing.verified import broken_checkpoint
 from megamobi.cli_support import (
     UserError,
     check_tokenizer_fits,
@@ -26,9 +27,13 @@ from megamobi.cli_support import (
 from megamobi.model import MobiLlama
 
 
-def load_model(checkpoint: str) -> MobiLlama:
-    """The plain model of a checkpoint (any layout); UserError when `checkpoint` is not one."""
+def load_model(checkpoint: str, *, use: str = "load") -> MobiLlama:
+    """The plain model of a checkpoint (any layout); UserError when `checkpoint` is not one, or when its
+    files fail the manifest's checksums (`use`: what the caller would do with it, for that message)."""
     checkpoint_arg(checkpoint)
+    broken = broken_checkpoint(checkpoint, use=use)
+    if broken:
+        raise UserError(broken)
     model = MobiLlama(checkpoint_model_config(checkpoint))
     model.load_state_dict(read_full_model(checkpoint))
     return model.eval()
@@ -70,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         sp = load_sentencepiece(args.tokenizer)
-        model = load_model(args.checkpoint)
+        model = load_model(args.checkpoint, use="generate from")
         check_tokenizer_fits(sp, vocab_size=model.config.vocab_size, what=f"the model in {args.checkpoint}")
     except UserError as err:
         return fail(err)

@@ -82,15 +82,17 @@ def export_hf(
     include_inv_freq: bool = True,
     overwrite: bool = False,
     progress: bool = True,
+    verified: bool = False,
 ) -> dict:
     """Convert; returns the written config.json as a dict. `include_inv_freq`: also store the per-layer
-    `rotary_emb.inv_freq` the released checkpoints carry (transformers ignores it; see docs/convert.md)."""
+    `rotary_emb.inv_freq` the released checkpoints carry (transformers ignores it; see docs/convert.md).
+    `verified`: the caller has just checked the checkpoint's files against its manifest (not hashed again)."""
     if dtype not in TORCH_DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: choose one of {', '.join(TORCH_DTYPES)}")
     torch_dtype = TORCH_DTYPES[dtype]
     max_shard_bytes = parse_size(max_shard_size)
     sp_info: SentencePieceInfo | None = read_sentencepiece(tokenizer) if tokenizer is not None else None
-    config, state_dict = load_checkpoint(checkpoint_dir)
+    config, state_dict = load_checkpoint(checkpoint_dir, verified=verified)
     if sp_info is not None and sp_info.vocab_size > config.vocab_size:
         raise ConversionError(f"{tokenizer}: {sp_info.vocab_size} tokens, more than the model's vocab_size {config.vocab_size}")
     output_dir = Path(output_dir)

@@ -17,6 +17,7 @@ from typing import Any
 
 from megamobi.checkpointing.manifest import MANIFEST_NAME, checkpoint_model_config, read_manifest
 from megamobi.checkpointing.recorded_paths import training_tokenizer
+from megamobi.checkpointing.verified import broken_checkpoint
 from megamobi.files import sha256_file, write_json_atomic
 
 CACHE_DIR_NAME = ".hf-eval"
@@ -106,6 +107,11 @@ def _from_megamobi(path: Path, *, tokenizer, cache_dir, progress: bool) -> Model
         if tokenizer is None:
             raise EvalError(f"--checkpoint {path}: its training data names no tokenizer file that still exists; "
                             "pass --tokenizer FILE.model (the SentencePiece model the data was made with)")
+    # Every file against the manifest's sha256 before anything is read, even when an export is cached: a
+    # checkpoint damaged since is refused (one line with the --verify advice; the sweep skips it).
+    broken = broken_checkpoint(path, use="evaluate")
+    if broken:
+        raise EvalError(broken)
     params = parameter_counts(config)["params_unique"]
     provenance = {
         "path": str(path.resolve()), "kind": "megamobi", "model_name": config.name,
@@ -130,7 +136,7 @@ def _from_megamobi(path: Path, *, tokenizer, cache_dir, progress: bool) -> Model
     tmp = hf_dir.with_name(hf_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        export_hf(path, tmp, dtype="fp32", tokenizer=tokenizer, overwrite=True, progress=progress)
+        export_hf(path, tmp, dtype="fp32", tokenizer=tokenizer, overwrite=True, progress=progress, verified=True)
     except ConversionError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise EvalError(str(err)) from err

@@ -2,7 +2,8 @@
 
 Every checkpoint's megamobi.json gets `data_provenance`: the segments of training that led to it
 (steps, consumed samples before them, batch sizes, data-parallel size, seq_len, the data stage, its
-data config and the sha256 of each data directory's manifest.json), and `data_stage`: the stage of its
+data config and the sha256 of each data directory's manifest.json), `data_fingerprints` (every
+shard file's size and sampled blocks, megamobi/data/fingerprints.py), and `data_stage`: the stage of its
 last step and that stage's progress. `python -m megamobi.replay` reads only that and the shards to say
 which tokens each step and rank consumed (megamobi/data/replay.py).
 
@@ -32,7 +33,7 @@ from megamobi.data.replay import (
 )
 from megamobi.data.stages import STAGE_ZERO, StageCursor, StagePosition, all_paths
 from megamobi.training.run_config import RunConfig
-from megamobi.training.stage_checks import manifest_checksums, stage_changes
+from megamobi.training.stage_checks import content_check_note, manifest_checksums, stage_changes
 
 ALLOW_KEY = "data.allow_change"
 
@@ -42,7 +43,7 @@ def refuse_or_accept(refused: list[str], *, run: RunConfig, checkpoint: Path) ->
         raise ConfigError(
             f"resuming from {checkpoint} with other data than it was trained on would silently change the run's "
             f"data order and make its provenance false. Changed: {'; '.join(refused)}. Restore the original data "
-            f"settings, start a new run_dir, or set {ALLOW_KEY}: true to continue anyway (recorded in the next "
+            f"settings (or shard files), start a new run_dir, or set {ALLOW_KEY}: true to continue anyway (recorded in the next "
             "checkpoints and in metrics.jsonl)")
 
 
@@ -64,6 +65,13 @@ def check_resume_data(run: RunConfig) -> list[str]:
     return refused + accepted
 
 
+def resume_content_note(run: RunConfig) -> str | None:
+    """For --check-only: the line a resume would print when run_dir's newest checkpoint has no shard
+    fingerprints (its shards' content cannot be compared)."""
+    newest = newest_checkpoint_manifest(run.run_dir) if run.checkpoint.resume else None
+    return None if newest is None else content_check_note(newest[1], checkpoint=newest[0])
+
+
 class DataProvenance:
     """The segments behind the next checkpoint: those of the resumed checkpoint, then this run's own,
     one per data stage (and layout); and which stage each step trains on."""
@@ -73,12 +81,14 @@ class DataProvenance:
         self.data_parallel_size = data_parallel_size
         self.changes: list[str] = []
         self.allowed = False  # some change needed data.allow_change
+        self.note: str | None = None  # the resumed checkpoint has no shard fingerprints to compare
         prior, step, resumed = [], 0, None
         if resume_from is not None:
             manifest = read_manifest(resume_from)
             accepted, refused = stage_changes(manifest, run)
             refuse_or_accept(refused, run=run, checkpoint=Path(resume_from))
             self.changes, self.allowed = refused + accepted, bool(refused)
+            self.note = content_check_note(manifest, checkpoint=Path(resume_from))
             step = manifest.get("step", 0)
             prior = truncate_segments(checkpoint_segments(run.run_dir, manifest), last_step=step)
             resumed = manifest.get("data_stage") or STAGE_ZERO
@@ -131,7 +141,10 @@ class DataProvenance:
 
     def log_changes(self, logger) -> None:
         """One line and one metrics.jsonl record when the resumed data changed (stages appended or changed
-        before they started, or anything with data.allow_change)."""
+        before they started, or anything with data.allow_change); one line when the shards' content could
+        not be compared (a checkpoint without fingerprints)."""
+        if self.note:
+            logger.info(self.note)
         if not self.changes:
             return
         how = f"{ALLOW_KEY} is true" if self.allowed else "only stages not yet started or still running changed"

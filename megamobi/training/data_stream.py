@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from megamobi.data import DataConfigError, GlobalBatchSampler, build_datasets, collate, eval_batches
+from megamobi.data.fingerprints import fingerprints_record
 from megamobi.data.stages import STAGE_ZERO, DataStage, StageCursor, StagePosition, all_paths
 from megamobi.data.token_ids import check_batch_ids, check_token_ids
 from megamobi.training.batch_record import batch_recorder
@@ -64,6 +65,9 @@ class RunData:
         self.vocab_size = run.model_config.vocab_size
         # ids the embedding cannot hold: exit 2 now
         check_token_ids(all_paths(run.data_stages), vocab_size=self.vocab_size)
+        # Size and sampled blocks of every shard file, as opened now: what every checkpoint of this start
+        # records and a resume compares (megamobi/data/fingerprints.py).
+        self.fingerprints = fingerprints_record(all_paths(run.data_stages))
 
     @property
     def train(self) -> Windows:

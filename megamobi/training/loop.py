@@ -437,6 +437,7 @@ class Trainer:
                 "layout": self._layout_record(),
                 "precision": self.run.precision, "run_config": to_dict(self.run),
                 "data_manifests": self.data.manifest_checksums(),
+                "data_fingerprints": self.data.fingerprints,  # shard sizes + sampled blocks, compared on resume
                 **launch_dir_record(),  # relative data.paths resolve from it (megamobi.replay, eval, convert)
                 **self.data_provenance.manifest_info(
                     step=self.state.step, consumed_tokens=self.state.consumed_tokens,

@@ -122,6 +122,15 @@ def check_init_from(run) -> None:
     check_same_model(path, manifest, run.model_config, what="checkpoint.init_from")
     if not (path / "model").is_dir():
         raise ConfigError(f"checkpoint.init_from: {path} has no model/ weights directory; is it a megamobi checkpoint?")
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # in the Trainer: its files, hashed once, shared over the ranks
+        from megamobi.checkpointing.verified import refusal
+        from megamobi.training.checkpoint import verify_checkpoint_across_ranks
+
+        broken = refusal(path, verify_checkpoint_across_ranks(path), use="initialize the model from")
+        if broken:
+            raise ConfigError(f"checkpoint.init_from: {broken}")
 
 
 def check_validation_data(run, data) -> None:

@@ -7,7 +7,8 @@ stage at least one step and ends before the run does; the last stage runs to the
 Resume (`stage_changes`): a stage that has not started yet may be changed, removed or appended, and the
 running stage's end (until_tokens) may move as long as it stays ahead of the checkpoint: that is how a
 run decides its annealing late. Those changes are accepted and recorded. Changing what a started stage
-trains on (paths, their manifests, source_weights, val_fraction), the end of a finished stage, the data
+trains on (paths, their manifests, the content fingerprints of their shards, source_weights,
+val_fraction), the end of a finished stage, the data
 seed or seq_len would make the recorded order false: refused with old and new values unless
 data.allow_change (then recorded, as before stages existed).
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from megamobi.config_io import ConfigError
+from megamobi.data.fingerprints import SCHEME, directory_fingerprints, fingerprint_differences
 from megamobi.data.stages import DataStage, first_step_at_tokens, stages_of
 from megamobi.files import sha256_file
 
@@ -94,8 +96,27 @@ def _short(sha: str | None) -> str:
     return "none" if sha is None else sha[:12]
 
 
-def _data_differences(old: DataStage, new: DataStage, *, recorded: dict[str, str], current: dict[str, str]) -> list[str]:
-    """What this stage trains on, old -> new: paths (or their manifests), blend, split."""
+def recorded_fingerprints(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint's shard fingerprints by directory, None when it has none this code can compare
+    (written before they were recorded, or with another sampling scheme)."""
+    found = manifest.get("data_fingerprints") or {}
+    return found.get("paths") if found.get("scheme") == SCHEME else None
+
+
+def content_check_note(manifest: dict[str, Any], *, checkpoint: Path) -> str | None:
+    """One line when a resume cannot compare the shards' content, only their manifest.json."""
+    if not (manifest.get("run_config") or {}).get("data") or manifest.get("data_manifests") is None:
+        return None  # a weights-only checkpoint: no data to compare with
+    if recorded_fingerprints(manifest) is not None:
+        return None
+    return (f"{checkpoint} records no shard fingerprints (written by an older megamobi): the shards' content cannot "
+            "be checked on this resume, only their manifest.json; --verify-shards hashes every shard against it")
+
+
+def _data_differences(old: DataStage, new: DataStage, *, recorded: dict[str, str], current: dict[str, str],
+                      prints: dict[str, Any] | None) -> list[str]:
+    """What this stage trains on, old -> new: paths (or their manifests, or their shards' content), blend,
+    split."""
     key = new.key
     out = []
     if [recorded.get(p) for p in old.paths] != [current[p] for p in new.paths]:
@@ -104,6 +125,10 @@ def _data_differences(old: DataStage, new: DataStage, *, recorded: dict[str, str
         else:
             out += [f"{p}/manifest.json: sha256 {_short(recorded.get(p))} -> {_short(current[p])} (the shards were rebuilt "
                     "or replaced)" for p in old.paths if recorded.get(p) != current[p]]
+    elif prints is not None:  # same manifests: are the shards still the bytes they describe?
+        for p in old.paths:
+            if p in prints:
+                out += fingerprint_differences(p, recorded=prints[p], current=directory_fingerprints(p))
     for field in ("source_weights", "val_fraction"):
         if getattr(old, field) != getattr(new, field):
             out.append(f"{key}.{field}: {getattr(old, field)} -> {getattr(new, field)}")
@@ -122,6 +147,7 @@ def stage_changes(manifest: dict[str, Any], run: RunConfig) -> tuple[list[str], 
     current = manifest_checksums(list(dict.fromkeys(p for s in new for p in s.paths)))
     running = (manifest.get("data_stage") or {}).get("index", 0)  # the stage of the checkpoint's last step
     consumed = manifest.get("consumed_tokens", 0)
+    prints = recorded_fingerprints(manifest)
     accepted, refused = [], []
     for stage in old:
         now = new[stage.index] if stage.index < len(new) else None
@@ -129,7 +155,7 @@ def stage_changes(manifest: dict[str, Any], run: RunConfig) -> tuple[list[str], 
             if now is None:
                 accepted.append(f"{stage.key} ({stage.label()}, not started) removed")
                 continue
-            differences = _data_differences(stage, now, recorded=recorded, current=current)
+            differences = _data_differences(stage, now, recorded=recorded, current=current, prints=prints)
             if stage.until_tokens != now.until_tokens:
                 differences.append(f"{now.key}.until_tokens: {stage.until_tokens} -> {now.until_tokens}")
             accepted += [f"{d} ({stage.label()}, not started)" for d in differences]
@@ -137,7 +163,7 @@ def stage_changes(manifest: dict[str, Any], run: RunConfig) -> tuple[list[str], 
         if now is None:
             refused.append(f"{stage.key} ({stage.label()}) removed, but it has trained")
             continue
-        refused += _data_differences(stage, now, recorded=recorded, current=current)
+        refused += _data_differences(stage, now, recorded=recorded, current=current, prints=prints)
         if stage.name != now.name:
             accepted.append(f"{now.key}.name: {stage.name} -> {now.name}")
         if stage.until_tokens != now.until_tokens:

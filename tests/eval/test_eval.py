@@ -180,7 +180,9 @@ def test_sweep_keys_results_by_settings_and_goes_past_a_broken_checkpoint(tmp_pa
     assert status == 1  # a checkpoint was skipped; the others' results are written
     (warning,) = [line for line in err if "warning:" in line]
     assert warning.startswith("[megamobi.eval] warning: step_0000004: skipped: ")
-    assert "broken or incomplete checkpoint" in warning and warning.endswith("the sweep goes on (re-run to retry)")
+    assert "broken or incomplete checkpoint, refusing to evaluate it" in warning
+    assert f"run `python -m megamobi.checkpoints {run.resolve()} --verify`" in warning  # the advice (issue 17 case 11)
+    assert warning.endswith("the sweep goes on (re-run to retry)")
     assert "Traceback" not in "\n".join(err)
     rows = read_csv(csv_path)
     version = lm_eval.__version__
