@@ -82,6 +82,8 @@ def block_source_counts(shards, *, block_size: int) -> np.ndarray:
                 return table
         except (OSError, ValueError):
             pass
+        for stale in folder.glob("*.tmp"):  # a builder killed mid-write (only the lock holder writes)
+            stale.unlink(missing_ok=True)
         table = _build(shards, block_size=block_size)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:

@@ -87,11 +87,13 @@ def test_the_source_table_is_built_once_and_shared(tmp_path):
     [table] = cache.glob("source_blocks-*.npy")
     assert sorted(p.name for p in cache.iterdir()) == ["lock", table.name]  # no temporary left
     assert np.load(table).sum() == 5000
-    # Damaged: rebuilt in place, same order.
+    # Damaged, and a builder killed mid-write left its temporary: rebuilt in place, same order, no leftover.
     table.write_bytes(table.read_bytes()[:100])
+    (cache / f"{table.name}.999.tmp").write_bytes(b"torn")
     train, _ = build_datasets([shards], source_weights=AMBER_TOKENS_B, val_fraction=0.0)
     assert train.subset_indices(np.arange(0, len(train), 997)).tolist() == answers[0]
     assert np.load(table).sum() == 5000
+    assert sorted(p.name for p in cache.iterdir()) == ["lock", table.name]
     # The cache folder cannot be made (a file in its place): the table is built in memory, same order.
     other = write_sparse_shards(tmp_path / "other", tokens=SAMPLE_TOKENS * 5000, shards=5)
     (other / CACHE_DIR).write_text("not a folder")
