@@ -3,7 +3,9 @@
     0    the run finished its steps
     1    a failure (a bug, a crashed rank): read the log above the last line
     2    a user error caught before any work (config, data, launch environment, rendezvous)
-    3    training stopped on repeated non-finite losses (train.max_bad_steps)
+    3    training stopped on bad steps: train.max_bad_steps in a row, train.divergence (stop, max_rewinds),
+         or weights in question (a non-finite step) when a save could not wait; the message names
+         the newest healthy checkpoint to resume from (docs/training.md "Healthy checkpoints")
     75   stopped early by a signal (SLURM's time-limit warning SIGUSR1, SIGTERM, SIGINT) after a clean
          checkpoint save: run the same command again (or let `scontrol requeue` do it) to continue
     76   hung: no progress for launch.hang_timeout_s (the job requeued itself under SLURM with

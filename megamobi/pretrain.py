@@ -45,16 +45,15 @@ def quiet_known_noise() -> None:
     ds_logger.setLevel(max(ds_logger.level, logging.WARNING))
 
 
-def already_complete(run) -> str | None:
-    """The one line for a relaunch of a finished run (its newest checkpoint holds the last step, all
-    its files present at their recorded sizes), or None when there is training left to do."""
+def already_complete(run, *, newest) -> str | None:
+    """The one line for a relaunch of a finished run (`newest`, the checkpoint a start would resume
+    from, holds the last step, all its files present at their recorded sizes; with --check-only its
+    checksums were checked too), or None when there is training left to do."""
     import os
     from pathlib import Path
 
     from megamobi.checkpointing.manifest import read_manifest
-    from megamobi.training.preflight import newest_own_checkpoint
 
-    newest = newest_own_checkpoint(run.run_dir) if run.checkpoint.resume else None
     if newest is None:
         return None
     try:
@@ -109,9 +108,15 @@ def _main(argv: list[str] | None) -> int:
         run.validate(world_size=world_size)
         # Open the shards now (headers only): a damaged shard or an unknown source weight fails here.
         data = RunData(run)
+        from megamobi.training.append_logs import check_appended_logs
         from megamobi.training.preflight import check_start_checkpoints, check_validation_data
+        from megamobi.training.resume_choice import resume_plan
 
-        check_start_checkpoints(run)  # run_dir's model and position, checkpoint.init_from
+        # run_dir's checkpoints all unusable: exit 2 listing them (or, asked for, a restart); --check-only
+        # also checks their checksums. Then the logs: a torn last line will be cut off, other damage stops here.
+        plan = resume_plan(run, verify=args.check_only)
+        notes = plan.lines + ([] if plan.restart else check_appended_logs(run.run_dir))  # a restart moves them aside
+        check_start_checkpoints(run, resume_from=plan.checkpoint)  # run_dir's model and position, checkpoint.init_from
         check_validation_data(run, data)
         if args.verify_shards:
             verify_shards(run, check_only=args.check_only, world_size=world_size)
@@ -128,7 +133,7 @@ def _main(argv: list[str] | None) -> int:
 
         # MEGAMOBI_FAULTS (tests and drills): a bad string fails here, naming the wrong part.
         check_faults_for_run(faults_from_env(), world_size=world_size, total_steps=run.total_steps)
-        finished = already_complete(run)
+        finished = already_complete(run, newest=plan.checkpoint)
     except (ConfigError, DataError) as err:
         print(f"megamobi: error: {err}", file=sys.stderr)
         return 2
@@ -140,6 +145,8 @@ def _main(argv: list[str] | None) -> int:
             print(line)
         for change in accepted:
             print(f"on resume, accepted and recorded: {change}")
+        for note in notes:
+            print(note)
         if content_note:
             print(f"on resume: {content_note}")
         if finished:
@@ -165,6 +172,10 @@ def _main(argv: list[str] | None) -> int:
         ignore_late_signals()  # the work is saved: a late SIGTERM must not make the exit look like a kill
     except (ConfigError, DataError) as err:  # DataError: e.g. the loader's token-id guard
         print(f"megamobi: error: {err}", file=sys.stderr)
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # e.g. no usable checkpoint: leave the group before exit (a gloo thread
+            dist.destroy_process_group()  # torn down by exit once ended in SIGABRT, "terminate called ...")
         return 2
     except NonFiniteLossError as err:
         print(f"megamobi: error: {err}", file=sys.stderr)

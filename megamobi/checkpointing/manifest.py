@@ -82,13 +82,31 @@ def verify_checkpoint(checkpoint_dir: str | Path, *, share: tuple[int, int] | No
     checkpoint_dir = Path(checkpoint_dir)
     try:
         manifest = read_manifest(checkpoint_dir)
-    except (FileNotFoundError, json.JSONDecodeError) as err:
+    except FileNotFoundError as err:
         return [str(err)]
+    except (OSError, ValueError) as err:  # JSONDecodeError, UnicodeDecodeError: damaged bytes
+        return [f"{checkpoint_dir / MANIFEST_NAME}: damaged ({type(err).__name__}: {err})"]
+    damage = manifest_damage(manifest)
+    if damage:
+        return [f"{checkpoint_dir / MANIFEST_NAME}: damaged ({damage})"]
     files = manifest["files"]
     names = list(files) if share is None else files_of_rank(files, rank=share[0], world=share[1])
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         found = pool.map(lambda name: _file_problem(checkpoint_dir / name, files[name]), names)
     return [problem for problem in found if problem]
+
+
+def manifest_damage(manifest: Any) -> str | None:
+    """What makes a manifest that parses as JSON unusable (damaged bytes that still parse), or None."""
+    if not isinstance(manifest, dict):
+        return f"not a JSON object but {type(manifest).__name__}"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("bytes"), int) and isinstance(e.get("sha256"), str) for e in files.values()):
+        return "no valid `files` table of sizes and sha256"
+    if isinstance(manifest.get("step"), bool) or not isinstance(manifest.get("step", 0), int):
+        return f"step {manifest.get('step')!r} is not an integer"
+    return None
 
 
 def files_of_rank(files: dict[str, dict[str, Any]], *, rank: int, world: int) -> list[str]:

@@ -32,9 +32,16 @@ import torch
 import torch.distributed as dist
 
 from megamobi.checkpointing.commit import CheckpointNotSaved, gather_rank_digests, publish_checkpoint, report_rank_done
-from megamobi.checkpointing.manifest import CHECKPOINTS, complete_checkpoints, read_manifest, verify_checkpoint
+from megamobi.checkpointing.manifest import (
+    CHECKPOINTS,
+    complete_checkpoints,
+    manifest_damage,
+    read_manifest,
+    verify_checkpoint,
+)
 from megamobi.checkpointing.writer import CheckpointWriter
 from megamobi.model_config import ModelConfig
+from megamobi.training import interval_health
 from megamobi.training.early_stop import slow_save_for_tests
 
 DEEPSPEED_DIR = "deepspeed"
@@ -64,9 +71,10 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINTS
 
 
-def find_resume_checkpoint(run_dir: str | Path, *, report) -> Path | None:
+def find_resume_checkpoint(run_dir: str | Path, *, report, skipped: list | None = None) -> Path | None:
     """The newest checkpoint that passes its checksums; broken ones are reported (by rank 0) and
-    skipped. Collective when torch.distributed is up: the ranks verify a share of the bytes each."""
+    skipped (and added to `skipped` as (checkpoint, problems)). Collective when torch.distributed is
+    up: the ranks verify a share of the bytes each."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     candidates = from_rank0(complete_checkpoints(run_dir) if rank == 0 else None)
     for candidate in reversed(candidates):
@@ -75,6 +83,8 @@ def find_resume_checkpoint(run_dir: str | Path, *, report) -> Path | None:
             return candidate
         if rank == 0:
             report(f"skipping checkpoint {candidate}: " + "; ".join(problems[:3]))
+        if skipped is not None:
+            skipped.append((candidate, problems))
     for partial in checkpoints_dir(run_dir).glob(".step_*.partial") if rank == 0 and checkpoints_dir(run_dir).is_dir() else []:
         report(f"ignoring incomplete checkpoint {partial} (the run stopped while writing it)")
     return None
@@ -89,8 +99,8 @@ def verify_checkpoint_across_ranks(checkpoint: Path) -> list[str]:
     readable = None
     if rank == 0:  # one reader of the manifest decides whether there is anything to share out
         try:
-            readable = bool(read_manifest(checkpoint))
-        except (FileNotFoundError, ValueError):
+            readable = manifest_damage(read_manifest(checkpoint)) is None
+        except (OSError, ValueError):
             readable = False
     if not from_rank0(readable):
         return from_rank0(verify_checkpoint(checkpoint) if rank == 0 else None)
@@ -175,7 +185,7 @@ def save_checkpoint(*, run_dir: Path, engine, state: TrainerState, model_config:
                 shutil.rmtree(partial, ignore_errors=True)
                 raise
             publish_checkpoint(partial, final, model_config=model_config, info=manifest_info, digests=digests)
-            prune_checkpoints(run_dir, keep_last=keep_last, protect=(final, *protect))
+            prune_checkpoints(run_dir, keep_last=keep_last, protect=(final, *protect), newest_healthy=final)
             if writer.background:
                 writer.report(f"saved checkpoint {final} (written in the background)")
         if failed is not None:
@@ -199,22 +209,23 @@ def drop_deepspeed_recovery_scripts(deepspeed_dir: Path) -> None:
         (deepspeed_dir / script).unlink(missing_ok=True)
 
 
-def prune_checkpoints(run_dir: Path, *, keep_last: int | None, protect: tuple[Path | None, ...]) -> list[Path]:
-    """Delete all but the newest `keep_last` checkpoints, never one in `protect` (the one just saved,
-    which `latest` names, and the one this run resumed from): a newer but broken checkpoint left by an
-    earlier attempt must not push them out. keep_last None keeps everything."""
+def prune_checkpoints(run_dir: Path, *, keep_last: int | None, protect: tuple[Path | None, ...],
+                      newest_healthy: Path | None = None) -> list[Path]:
+    """Delete the checkpoints keep_last says to (megamobi.training.interval_health): only older than the
+    newest healthy one (the one just saved; by default the one `latest` names), never it, never one in
+    `protect` (the one this run resumed from), and only healthy ones whose checksums pass: a newer, broken
+    or unhealthy checkpoint left by an earlier attempt is neither counted nor deleted. None keeps everything."""
     if keep_last is None:
         return []
     if keep_last < 1:  # refused by the run config's validation; never "delete everything"
         raise ValueError(f"keep_last must be at least 1, got {keep_last}")
-    keep = {Path(p).resolve() for p in protect if p is not None}
-    latest = checkpoints_dir(run_dir) / "latest"
-    if latest.is_file():
-        keep.add((checkpoints_dir(run_dir) / latest.read_text().strip()).resolve())
-    removed = [old for old in complete_checkpoints(run_dir)[:-keep_last] if old.resolve() not in keep]
-    for old in removed:
-        shutil.rmtree(old)
-    return removed
+    if newest_healthy is None:
+        latest = checkpoints_dir(run_dir) / "latest"
+        if not latest.is_file():
+            return []
+        newest_healthy = checkpoints_dir(run_dir) / latest.read_text().strip()
+    return interval_health.prune(complete_checkpoints(run_dir), newest_healthy=Path(newest_healthy), keep_last=keep_last,
+                                 protect={Path(p).resolve() for p in protect if p is not None})
 
 
 def load_checkpoint(checkpoint: Path, *, engine) -> TrainerState:

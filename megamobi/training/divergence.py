@@ -102,19 +102,21 @@ class StepGuard:
 
 
 def newest_healthy_checkpoint(run_dir: str | Path, *, before_step: int) -> Path | None:
-    """The newest checkpoint of run_dir before `before_step` that passes its checksums and recorded a
-    finite loss: what a rewind restores."""
+    """The newest checkpoint of run_dir before `before_step` that passes its checksums and whose manifest's
+    health record (megamobi/training/interval_health.py) says healthy: what a rewind restores, and what a
+    stopped run names to resume from."""
     from megamobi.checkpointing.manifest import complete_checkpoints, read_manifest, verify_checkpoint
+    from megamobi.training.interval_health import manifest_health_problem
 
     for candidate in reversed(complete_checkpoints(run_dir)):
         try:
             manifest = read_manifest(candidate)
         except (OSError, ValueError):
             continue
-        step, loss = manifest.get("step"), manifest.get("loss")
+        step = manifest.get("step")
         if not isinstance(step, int) or step >= before_step:
             continue
-        if isinstance(loss, float) and not math.isfinite(loss):
+        if manifest_health_problem(manifest) is not None:
             continue
         if not verify_checkpoint(candidate):
             return candidate

@@ -8,7 +8,6 @@ that time is up), and stop at the configured number of steps or tokens.
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import socket
@@ -32,10 +31,10 @@ from megamobi.parallel.build import build_parallel_model
 from megamobi.parallel.groups import Layout, ParallelGroups
 from megamobi.parallel.pipeline import sync_shared_ffn_replicas
 from megamobi.parallel.shard_specs import load_full_state_dict
+from megamobi.training.append_logs import truncate_metrics
 from megamobi.training.checkpoint import (
     TrainerState,
     complete_checkpoints,
-    find_resume_checkpoint,
     load_checkpoint,
     read_trainer_state,
     save_checkpoint,
@@ -45,11 +44,13 @@ from megamobi.training.data_stream import RunData
 from megamobi.training.divergence import NonFiniteLossError, StepGuard
 from megamobi.training.ds_config import build_ds_config
 from megamobi.training.faults import FaultInjector, faults_from_env, warning_line
+from megamobi.training.interval_health import IntervalHealth
 from megamobi.training.metrics import MetricsLogger, memory_gb
 from megamobi.training.optimizer import build_optimizer
 from megamobi.training.portable_state import adam_step, load_portable_optimizer_state, write_portable_state
 from megamobi.training.preflight import check_trainer_start
 from megamobi.training.recovery import Recovery
+from megamobi.training.resume_choice import prepare_run_dir
 from megamobi.training.run_config import RunConfig
 from megamobi.training.schedule import LrSchedule
 from megamobi.training.schedule_checks import ScheduleRecord
@@ -101,6 +102,7 @@ class Trainer:
         self.preempted = PreemptionFlag(self.heartbeat)
         self.faults = FaultInjector(faults_from_env(), rank=self.rank)  # MEGAMOBI_FAULTS (tests and drills)
         self.guard = StepGuard()  # the step's loss and spike limit, for FiniteStepAdamW
+        self.health = IntervalHealth()  # a checkpoint only of weights the steps since the last one vouch for
         self.stopped_by: str | None = None  # the signal that stopped the run early (after a save)
         self.last_checkpoint: Path | None = None
         self.checkpoint_writer = CheckpointWriter(  # checkpoint.async: written in a background thread
@@ -193,8 +195,9 @@ class Trainer:
                 raise ConfigError(f"{self.run_dir} already holds checkpoints and checkpoint.resume is false: a new run "
                                   "would overwrite them. Use a new run_dir, or checkpoint.resume: true to continue.")
             return None
-        # Every rank verifies a share of the checkpoint's bytes.
-        return find_resume_checkpoint(self.run_dir, report=lambda msg: print(f"[megamobi] {msg}", flush=True))
+        # Every rank verifies a share of the checkpoint's bytes; none usable: exit 2, or a restart that
+        # moves them aside (checkpoint.restart_from_scratch); torn last lines of the logs are cut off.
+        return prepare_run_dir(self.run, report=lambda msg: print(f"[megamobi] {msg}", flush=True))
 
     def _resume(self, checkpoint: Path, *, saved_layout: dict | None, reshard: bool) -> None:
         if reshard:
@@ -332,14 +335,16 @@ class Trainer:
                     self.logger.info(f"step {state.step}: {refusal} (loss {loss}, grad norm {grad_norm}): update "
                                      f"skipped ({bad_in_a_row} in a row)")
                     if bad_in_a_row >= run.train.max_bad_steps:
-                        raise NonFiniteLossError(
-                            f"{bad_in_a_row} steps in a row had a non-finite loss or gradient norm, or a loss spike "
-                            f"(last at step {state.step}: {refusal}). Lower optimizer.lr, check the data, or resume from "
-                            f"the last checkpoint in {self.run_dir}.")
+                        self.health.record(step, loss=loss, grad_norm=grad_norm)
+                        self._stop(f"{bad_in_a_row} steps in a row were refused, train.max_bad_steps; the last: "
+                                   f"{refusal}")
             else:
                 bad_in_a_row = 0
                 state.loss = loss
                 self.recovery.on_good_step(step, loss=loss)
+            cleared = self.health.record(step, loss=loss, grad_norm=grad_norm)
+            if cleared:
+                self.logger.info(cleared)
             if state.step % run.train.log_interval == 0 or state.step == self.total_steps or skipped:
                 elapsed = time.perf_counter() - self.window_start
                 self._log_step(loss=loss, lr=lr, grad_norm=grad_norm, step_time=elapsed / self.window_steps)
@@ -350,7 +355,15 @@ class Trainer:
             stop_signal = self._agreed_preemption()
             due = checkpoint_due(consumed_tokens_before=tokens_before, consumed_tokens_after=state.consumed_tokens,
                                  interval_tokens=run.checkpoint.interval_tokens)
-            save = due or stop_signal or (state.step == self.total_steps and run.checkpoint.save_final)
+            last = state.step == self.total_steps and run.checkpoint.save_final
+            save = due or self.health.postponed or stop_signal or last
+            if save and not self.health.healthy:  # weights in question: never written (interval_health.py)
+                if stop_signal or last:
+                    self._stop(f"{stop_signal} received" if stop_signal else "the run's last step")
+                postponed = self.health.postpone(state.step)
+                if postponed:
+                    self.logger.info(postponed)
+                save = False
             if self.recovery.check_replicas(step, before_save=bool(save)) == "rewound":
                 continue  # a checkpoint is written only after the replicas agree
             if save:
@@ -361,6 +374,18 @@ class Trainer:
                 self.logger.info(f"{stop_signal} received: saved a checkpoint at step {state.step}; "
                                  "re-run the same command to continue")
                 break
+
+    def _stop(self, why: str) -> None:
+        """Collective: stop with exit 3, naming the newest healthy checkpoint (and, when the weights are in
+        question, the first unhealthy step and which of its values was not finite)."""
+        self.wait_for_checkpoint()  # a save in flight is published first: it may be the newest healthy one
+        first = self.health.in_question
+        newest = self.recovery.newest_healthy(first.step if first else self.state.step + 1)
+        if first is not None:
+            raise NonFiniteLossError(self.health.stop_message(step=self.state.step, newest_healthy=newest, why=why))
+        where = (f"the newest healthy checkpoint is {newest}: run the same command to resume from it" if newest
+                 else "no healthy checkpoint exists yet")
+        raise NonFiniteLossError(f"stopped at step {self.state.step} ({why}). Lower optimizer.lr or check the data; {where}")
 
     def _agreed_preemption(self) -> str | None:
         """All ranks stop together if any rank was signalled (SLURM may signal only some). SIGTERM (a
@@ -433,7 +458,8 @@ class Trainer:
             keep_last=self.run.checkpoint.keep_last, protect=(self.resumed_from,), writer=self.checkpoint_writer,
             manifest_info={
                 "step": self.state.step, "consumed_samples": self.state.consumed_samples,
-                "consumed_tokens": self.state.consumed_tokens, "loss": self.state.loss,
+                "consumed_tokens": self.state.consumed_tokens,
+                **self.health.manifest_info(),  # the loss and gradient norm of this checkpoint's own last step
                 "layout": self._layout_record(),
                 "precision": self.run.precision, "run_config": to_dict(self.run),
                 "data_manifests": self.data.manifest_checksums(),
@@ -447,6 +473,7 @@ class Trainer:
         self.logger.info(f"saving checkpoint {path} in the background" if self.checkpoint_writer.background
                          else f"saved checkpoint {path}")
         self.last_checkpoint = path
+        self.health.reset()
         self.recovery.saved(self.state.step)
         return path
 
@@ -473,10 +500,5 @@ def _gather_hosts() -> list[str]:
 
 def _truncate_metrics(path: Path, *, after_step: int) -> None:
     """After a resume, drop log lines of steps that the restored checkpoint never saw, so that
-    metrics.jsonl reads as if the run had never been interrupted."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= after_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    metrics.jsonl reads as if the run had never been interrupted (a torn last line is cut off first)."""
+    truncate_metrics(path, after_step=after_step)

@@ -17,6 +17,7 @@ from typing import Any
 from megamobi.checkpointing.manifest import MANIFEST_NAME, complete_checkpoints
 from megamobi.config_io import ConfigError, from_dict
 from megamobi.model_config import ModelConfig
+from megamobi.training.resume_choice import newest_usable, no_usable_checkpoint
 
 FROM_CHECKPOINT = "from_checkpoint"
 # The fields that decide which weights exist and their shapes; name, max_seq_len, rope_theta,
@@ -63,9 +64,10 @@ def check_same_model(checkpoint: str | Path, manifest: dict[str, Any], run_model
 
 
 def newest_own_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest completed checkpoint in run_dir (by name; checksums are checked at start, not here)."""
-    done = complete_checkpoints(run_dir)
-    return done[-1] if done else None
+    """The newest checkpoint in run_dir whose manifest reads and whose files are all there at their
+    recorded sizes: damaged newer ones are skipped, as the Trainer skips them (checksums are checked
+    at start, not here)."""
+    return newest_usable(run_dir)[0]
 
 
 def model_from_checkpoint(data: dict[str, Any], *, where: str) -> dict[str, Any]:
@@ -76,6 +78,9 @@ def model_from_checkpoint(data: dict[str, Any], *, where: str) -> dict[str, Any]
         source, what = own, f"{where}: model: {FROM_CHECKPOINT} (run_dir's newest checkpoint)"
     elif checkpoint.get("init_from"):
         source, what = Path(str(checkpoint["init_from"])), f"{where}: model: {FROM_CHECKPOINT} (checkpoint.init_from)"
+    elif isinstance(data.get("run_dir"), str) and checkpoint.get("resume", True) and (
+            skipped := newest_usable(data["run_dir"])[1]):  # checkpoints, none usable: the refusal that lists them
+        raise no_usable_checkpoint(data["run_dir"], skipped)
     else:
         raise ConfigError(f"{where}: model: {FROM_CHECKPOINT} needs checkpoint.init_from (e.g. a `convert from-hf` "
                           "output) or a run_dir that already holds checkpoints")
@@ -83,14 +88,14 @@ def model_from_checkpoint(data: dict[str, Any], *, where: str) -> dict[str, Any]
     return dict(config.__dict__)
 
 
-def check_start_checkpoints(run) -> None:
+def check_start_checkpoints(run, *, resume_from: Path | None) -> None:
     """Before any process starts (pretrain --check-only and every start): what the run will load, its
-    own newest checkpoint, else checkpoint.init_from. Raises ConfigError naming the key and what to do."""
-    own = newest_own_checkpoint(run.run_dir)
-    if own is not None and not run.checkpoint.resume:
+    own checkpoint `resume_from` (megamobi.training.resume_choice.resume_plan), else checkpoint.init_from.
+    Raises ConfigError naming the key and what to do."""
+    if complete_checkpoints(run.run_dir) and not run.checkpoint.resume:
         raise ConfigError(f"{run.run_dir} already holds checkpoints and checkpoint.resume is false: a new run "
                           "would overwrite them. Use a new run_dir, or checkpoint.resume: true to continue.")
-    check_trainer_start(run, resume_from=own)
+    check_trainer_start(run, resume_from=resume_from)
 
 
 def check_trainer_start(run, *, resume_from: Path | None) -> None:

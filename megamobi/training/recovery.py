@@ -196,7 +196,7 @@ class Recovery:
             self._event({"step": step, "kind": kind, "ranks": ranks, "action": "update skipped", **detail}, None)
             return "skipped"
         if action == "stop":
-            newest = self._newest_healthy(step)
+            newest = self.newest_healthy(step)
             self._event({"step": step, "kind": kind, "ranks": ranks, "action": "stopped", **detail}, f"{what}: stopping")
             raise NonFiniteLossError(
                 f"{what}; the update was not applied. Stopped (train.divergence.action: stop); "
@@ -268,7 +268,8 @@ class Recovery:
         return "rewound"
 
     # --- rewind ---------------------------------------------------------------------------------
-    def _newest_healthy(self, step: int):
+    def newest_healthy(self, step: int):
+        """Collective: rank 0's newest healthy checkpoint before `step` (its manifest's health record), on every rank."""
         t = self.trainer
         found = newest_healthy_checkpoint(t.run_dir, before_step=step) if t.rank == 0 else None
         return from_rank0(found)
@@ -283,7 +284,7 @@ class Recovery:
             raise NonFiniteLossError(f"{why}; this run already rewound {self.rewinds} time(s) (train.divergence."
                                      f"max_rewinds {limit}): stopping. Read {t.run_dir}/events.jsonl; the newest "
                                      "healthy checkpoint is intact: run the same command to resume from it")
-        target = self._newest_healthy(step)
+        target = self.newest_healthy(step)
         if target is None:
             self._event({**record, "action": "stopped (no healthy checkpoint)"}, f"{why}: stopping")
             raise NonFiniteLossError(f"{why}; no healthy checkpoint before step {step} to rewind to (save more often: "
@@ -297,6 +298,7 @@ class Recovery:
         self._event({**record, "action": f"rewind to {target.name}"},
                     f"{why}: rewinding to {target} (rewind {self.rewinds} of at most {limit}) to re-run step {step}")
         t.state = load_checkpoint(target, engine=t.engine)
+        t.health.reset()  # the weights are the healthy checkpoint's; the re-run steps are judged afresh
         if t.is_pipeline:
             sync_shared_ffn_replicas(t.engine, t.groups)
         t.data_provenance = DataProvenance(t.run, resume_from=target, data_parallel_size=t.layout.data)

@@ -114,6 +114,10 @@ class CheckpointConfig:
     interval_tokens: int = 0  # 0: only at the end and on SLURM's warning signal
     keep_last: int | None = None  # None keeps every checkpoint (the paper released 300+)
     resume: bool = True  # continue from the latest complete checkpoint in run_dir
+    # When run_dir holds checkpoints and none can be used, a start stops (exit 2) listing them; true:
+    # move them (and metrics.jsonl, events.jsonl, tensorboard/) into run_dir/discarded-<time>/ and
+    # train from step 0. Ignored while a checkpoint can be resumed (megamobi.training.resume_choice).
+    restart_from_scratch: bool = False
     # false: no checkpoint when train.steps is reached (benchmarks: 0.5B writes ~7.5 GB for nothing);
     # interval and signal checkpoints are still written.
     save_final: bool = True

@@ -10,8 +10,10 @@ may all change without touching any step already taken or the next one: such a c
 recorded (the log, metrics.jsonl `schedule_change`, the checkpoints' `schedule_changes`). Once the decay
 has begun (or when lr / warmup / the decay style change) a different schedule would rewrite the lr of
 the steps to come mid-decay: refused with the old and new values unless
-`optimizer.allow_schedule_change: true` (then recorded). Schedules that are both cosine are left to the
-general schedule-change rule (issue 17): this module decides only where wsd is involved.
+`optimizer.allow_schedule_change: true` (then recorded). A cosine schedule has no such stable phase:
+its lr at every step is a function of lr, min_lr, warmup_steps and the run's steps, so any change
+(a finished 40-step run resumed with train.steps=50 would jump from min_lr back up to ~lr/2) is refused
+the same way, naming the lr the next step would get under each schedule.
 """
 
 from __future__ import annotations
@@ -70,16 +72,20 @@ def _fields(schedule: LrSchedule) -> dict[str, Any]:
 
 def schedule_changes(manifest: dict, run: RunConfig) -> tuple[list[str], str | None]:
     """(what differs, why it is refused or None when it may be accepted) between the schedule a
-    checkpoint trained under and the run's. Empty when the same, or when neither uses wsd."""
+    checkpoint trained under and the run's. Empty when the same."""
     recorded = manifest.get("run_config") or {}
     if "optimizer" not in recorded or "train" not in recorded or "batch" not in recorded:
         return [], None  # a weights-only checkpoint (convert from-hf): no schedule to continue
     old, new = LrSchedule.of_record(recorded), LrSchedule.of_run(run)
-    if old == new or not (old.is_wsd or new.is_wsd):
+    if old == new:
         return [], None
     before, after = _fields(old), _fields(new)
     changes = [f"{key}: {before[key]} -> {after[key]}" for key in before if before[key] != after[key]]
     step = manifest.get("step", 0)
+    if not (old.is_wsd or new.is_wsd):
+        # `step` steps were taken (0-based 0..step-1): the next one is step `step`, logged as step + 1.
+        return changes, (f"a cosine schedule's lr depends on all of these at every step: the next step ({step + 1:,}) "
+                         f"would run at lr {new(step):.4g} instead of {old(step):.4g}")
     if not (old.is_wsd and new.is_wsd):
         return changes, "the decay style changed, which changes the lr of the steps to come"
     if (old.lr, old.warmup_steps) != (new.lr, new.warmup_steps):

@@ -119,7 +119,8 @@ def test_resume_onto_changed_data_stops_unless_allowed_and_recorded(tmp_path, to
     changed = make_run(tmp_path / "r", token_shards, train={"steps": 4, "seed": 11, "log_interval": 1},
                        data={**base["data"], "val_fraction": 0.2})
     allowed = make_run(tmp_path / "r", token_shards, train={"steps": 4, "seed": 11, "log_interval": 1},
-                       data={**base["data"], "val_fraction": 0.2, "allow_change": True})
+                       data={**base["data"], "val_fraction": 0.2, "allow_change": True},
+                       optimizer={"allow_schedule_change": True})  # 2 -> 4 steps: another cosine schedule
 
     def job(rank):
         try:

@@ -128,8 +128,14 @@ def test_what_a_resume_may_change_in_a_wsd_schedule(tmp_path, token_shards):
     assert why.startswith("lr / warmup_steps changed")
     _, why = schedule_changes(_manifest(wsd, step=1), run(10, None, style="cosine"))
     assert why.startswith("the decay style changed")
-    # Two cosine schedules are not this module's to judge (the general schedule-change rule is).
-    assert schedule_changes(_manifest(run(10, None, style="cosine"), step=5), run(12, None, style="cosine")) == ([], None)
+    # Two cosine schedules: any change is refused (issue 17), saying what the next step's lr would become.
+    cosine = run(10, None, style="cosine")
+    changes, why = schedule_changes(_manifest(cosine, step=5), run(12, None, style="cosine", min_lr=2e-3))
+    assert changes == ["optimizer.min_lr: 0.001 -> 0.002", "steps: 10 -> 12"]
+    longer = LrSchedule.of_run(run(12, None, style="cosine", min_lr=2e-3))
+    assert why == (f"a cosine schedule's lr depends on all of these at every step: the next step (6) would run at lr "
+                   f"{longer(5):.4g} instead of {LrSchedule.of_run(cosine)(5):.4g}")
+    assert schedule_changes(_manifest(cosine, step=5), cosine) == ([], None)
     assert schedule_changes(_manifest(wsd, step=5), wsd) == ([], None)
     assert stages_of({"paths": ["a"]})[0].key == "data"
 

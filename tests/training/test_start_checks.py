@@ -91,8 +91,10 @@ def test_resumed_position_must_fit_the_global_batch(tmp_path, token_shards, repo
 
 def test_pruning_never_deletes_latest_or_the_resumed_checkpoint(tmp_path, token_shards):
     """A 5-step attempt left checkpoints 2, 4, 5; 4 and 5 are damaged; the user shortens the run to
-    3 steps with keep_last 1. It resumes from 2 and saves 3: pruning by age alone would delete 3
-    (which `latest` names) and 2 (what it resumed from), because the broken 4 and 5 look newer."""
+    3 steps with keep_last 1 (a cosine schedule change: allowed). It resumes from 2 and saves 3: pruning
+    by age alone would delete 3 (which `latest` names) and 2 (what it resumed from), because the broken 4
+    and 5 look newer. Pruning counts and deletes only checkpoints older than the newest healthy one (3),
+    and never one it could not verify: the broken 4 and 5 stay for someone to look at."""
     first = make_run(tmp_path / "r", token_shards, train={"steps": 5, "log_interval": 1},
                      checkpoint={"interval_tokens": 2 * 8 * 32})
     run_ranks(lambda rank: Trainer(first).train() and None, world_size=1)
@@ -101,10 +103,11 @@ def test_pruning_never_deletes_latest_or_the_resumed_checkpoint(tmp_path, token_
         victim = next((root / name / "model").glob("*.safetensors"))
         victim.write_bytes(victim.read_bytes()[:-1] + b"!")
     second = dataclasses.replace(first, train=dataclasses.replace(first.train, steps=3),
-                                 checkpoint=dataclasses.replace(first.checkpoint, keep_last=1))
+                                 checkpoint=dataclasses.replace(first.checkpoint, keep_last=1),
+                                 optimizer=dataclasses.replace(first.optimizer, allow_schedule_change=True))
     run_ranks(lambda rank: Trainer(second).train() and None, world_size=1)
     assert (root / "latest").read_text() == "step_0000003\n"
     assert (root / "step_0000003" / "megamobi.json").is_file() and (root / "step_0000002" / "megamobi.json").is_file()
-    assert not (root / "step_0000004").exists()  # older than nothing protected: pruned as keep_last says
+    assert (root / "step_0000004").is_dir() and (root / "step_0000005").is_dir()  # newer than the newest healthy
     # Directly: whatever keep_last, the protected and the `latest` checkpoints stay.
     assert prune_checkpoints(tmp_path / "r", keep_last=1, protect=(root / "step_0000002",)) == []
