@@ -65,7 +65,8 @@ def already_complete(run, *, newest) -> str | None:
     if not isinstance(step, int) or step < run.total_steps or not whole:
         return None
     return (f"megamobi: {run.run_dir} is already complete: {Path(newest).name} holds step {step} of the run's "
-            f"{run.total_steps}; nothing to train (raise train.steps or train.tokens to train further)")
+            f"{run.total_steps}; nothing to train (to train further raise train.steps or train.tokens, with "
+            "optimizer.allow_schedule_change=true where that changes the lr schedule)")
 
 
 def _is_rank0() -> bool:
