@@ -13,8 +13,10 @@ MASTER_PORT or else a free port (as `torchrun --standalone` does), so two local 
 
 Unlike DeepSpeed's per-node launcher (which kills its ranks 30 s after a SIGTERM), this one forwards
 SIGTERM and SIGUSR1 to its ranks and waits for them however long their checkpoint takes; SIGUSR1 is
-SLURM's time-limit warning. Exit status: the ranks' (see megamobi/exit_codes.py); after a failure the
-last line names the rank that failed first and why (megamobi/rank_failure.py).
+SLURM's time-limit warning. Its ranks never outlive it: each watches this process (MEGAMOBI_LAUNCHER_PID,
+megamobi/parent_watch.py) and, if it dies even by SIGKILL, saves a checkpoint and stops; on one machine
+it watches launch/pretrain.sh the same way. Exit status: the ranks' (see megamobi/exit_codes.py); after
+a failure the last line names the rank that failed first and why (megamobi/rank_failure.py).
 
 Global ranks follow DeepSpeed: node n runs ranks n*G .. n*G+G-1 (G processes per node), local
 rank = rank - n*G.
@@ -33,6 +35,7 @@ import time
 
 from megamobi.config_io import ConfigError
 from megamobi.exit_codes import FAILED, STOPPED_AFTER_SAVE, USAGE
+from megamobi.parent_watch import LAUNCHER_PID_ENV, watch_launch_script
 from megamobi.rank_failure import RankStderr, failure_line
 
 
@@ -178,7 +181,8 @@ class NodeRanks:
     def __init__(self, plan: NodePlan, *, python: str, run_config: str, overrides: list[str], env: dict[str, str]):
         # Own session: a Ctrl-C in the terminal reaches the launcher only, which asks the ranks to save.
         self.procs = [subprocess.Popen(plan.rank_command(k, python=python, run_config=run_config, overrides=overrides),
-                                       env={**env, **plan.rank_env(k)}, start_new_session=True,
+                                       env={**env, **plan.rank_env(k), LAUNCHER_PID_ENV: str(os.getpid())},
+                                       start_new_session=True,
                                        preexec_fn=_ignore_usr1, stderr=subprocess.PIPE)
                       for k in range(plan.procs_per_node)]
         self.stderr = [RankStderr(proc.stderr) for proc in self.procs]  # passed through; the last lines kept
@@ -275,6 +279,12 @@ def run_node(plan: NodePlan, *, run_config: str, overrides: list[str], env: dict
     ranks = NodeRanks(plan, python=sys.executable, run_config=run_config, overrides=overrides, env=env)
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, ranks.forward)
+
+    def script_gone(why: str) -> None:
+        print(f"megamobi.launcher: {why}: the ranks save a checkpoint and stop", file=sys.stderr, flush=True)
+        ranks.forward(signal.SIGTERM, None)
+
+    watch_launch_script(script_gone)  # launch/pretrain.sh killed by SIGKILL: it could forward nothing
     return ranks.wait()
 
 

@@ -65,7 +65,14 @@ def already_complete(run, *, newest) -> str | None:
     if not isinstance(step, int) or step < run.total_steps or not whole:
         return None
     return (f"megamobi: {run.run_dir} is already complete: {Path(newest).name} holds step {step} of the run's "
-            f"{run.total_steps}; nothing to train (raise train.steps or train.tokens to train further)")
+            f"{run.total_steps}; nothing to train (to train further raise train.steps or train.tokens, with "
+            "optimizer.allow_schedule_change=true where that changes the lr schedule)")
+
+
+def _is_rank0() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"  # launch_world_size() has mapped SLURM's variables by now
 
 
 def verify_shards(run, *, check_only: bool, world_size: int) -> None:
@@ -87,16 +94,24 @@ def verify_shards(run, *, check_only: bool, world_size: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megamobi.training.run_lease import release_held
+
     try:
         return _main(argv)
     except KeyboardInterrupt:  # Ctrl-C before training started, or a second one: no traceback
         print("megamobi: interrupted (SIGINT) without a save; the newest complete checkpoint in run_dir is intact",
               file=sys.stderr, flush=True)
         return 130  # 128 + SIGINT, as a shell reports it
+    finally:
+        release_held()  # the run_dir's lease (rank 0): free for the next job, even in this process
 
 
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
+    if not args.check_only:
+        from megamobi.parent_watch import start_parent_watch
+
+        start_parent_watch()  # a launcher that dies (even by SIGKILL) stops this rank after a save
     from megamobi.data import DataError
     from megamobi.distributed import launch_world_size
     from megamobi.training.data_stream import RunData
@@ -137,6 +152,13 @@ def _main(argv: list[str] | None) -> int:
         # MEGAMOBI_FAULTS (tests and drills): a bad string fails here, naming the wrong part.
         check_faults_for_run(faults_from_env(), world_size=world_size, total_steps=run.total_steps)
         finished = already_complete(run, newest=plan.checkpoint)
+        from megamobi.training.run_lease import RunLease, check_lease_free
+
+        if args.check_only:
+            check_lease_free(run.run_dir)  # another live job on this run_dir: exit 2 naming it
+        elif not finished and _is_rank0():
+            # Before the rendezvous: no rank writes anything until rank 0 holds the run_dir (run_lease.py).
+            RunLease(run.run_dir).take(report=lambda line: print(line, flush=True))
     except (ConfigError, DataError) as err:
         print(f"megamobi: error: {err}", file=sys.stderr)
         return 2

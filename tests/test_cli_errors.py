@@ -390,7 +390,8 @@ def test_relaunching_a_finished_run_says_so_in_one_line(world):
     launch/pretrain.sh starts no rank (no process group, no rank's output)."""
     args = ["run_dir=" + str(world["run_dir"]), "train.steps=2"]
     line = (f"megamobi: {world['run_dir']} is already complete: step_0000002 holds step 2 of the run's 2; nothing to "
-            "train (raise train.steps or train.tokens to train further)")
+            "train (to train further raise train.steps or train.tokens, with optimizer.allow_schedule_change=true where "
+            "that changes the lr schedule)")
     checked = _pretrain("--config", world["run_yaml"], *args)
     assert checked.returncode == 0 and checked.stdout.strip().splitlines()[-1] == line, checked.stdout + checked.stderr
     assert "is valid for 1 process(es)" in checked.stdout  # --check-only still checks and shows the schedule

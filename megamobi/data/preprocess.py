@@ -14,6 +14,7 @@ import numpy as np
 from megamobi.files import fsync_directory, read_json, sha256_file, write_json_atomic
 from megamobi.version import code_version
 
+from .blend_index import CACHE_DIR as BLEND_CACHE_DIR
 from .chunk_worker import MAX_LISTED_BAD_LINES, ChunkJob, ChunkResult, plan_chunks, process_chunk
 from .errors import BadInputError, DataConfigError
 from .indexed_format import MAX_VOCAB_UINT16, SEQ_LEN, TOKEN_DTYPE
@@ -120,6 +121,7 @@ class _Job:
         for path in list(self.out.glob("shard_*")) + [self.out / MANIFEST_NAME, self.out / PROGRESS_NAME,
                                                       self.out / LEGACY_PROGRESS_NAME]:
             path.unlink(missing_ok=True)
+        shutil.rmtree(self.out / BLEND_CACHE_DIR, ignore_errors=True)  # tables of the shards just removed
 
     def _record_valid(self, record: dict) -> bool:
         return not any(shard_problems(self.out, shard, checksums=self.opts.verify_existing)

@@ -13,7 +13,9 @@ one sample -> the positions of its windows, without scanning an epoch.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from megamobi.checkpointing.recorded_paths import LAUNCH_DIR_KEY, resolve_record
 from megamobi.files import sha256_file
 
 from .errors import DataError
-from .indexed_format import SEQ_LEN
+from .indexed_format import SEQ_LEN, TOKEN_DTYPE
 from .manifest import MANIFEST_NAME as SHARD_MANIFEST
 from .sampler import epoch_permutation
 from .shard_dataset import ShardedDataset
@@ -176,10 +178,10 @@ class TrainOrder:
         self.num_windows = len(self.blend if self.blend is not None else self.train) * self.per_sample
         if not self.num_windows:
             raise ReplayError(f"{data['paths']}: no training samples")
-        self._src_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._natural: dict[str, float] | None = None
 
-    def windows_at(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Global positions -> (base sample index, token offset of the window)."""
+    def _picks(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global positions -> (pick in the training view, window within the sample)."""
         positions = np.asarray(positions, dtype=np.int64)
         windows = np.empty_like(positions)
         epochs = positions // self.num_windows
@@ -187,9 +189,20 @@ class TrainOrder:
             mask = epochs == epoch
             perm = epoch_permutation(num_samples=self.num_windows, seed=self.seed, epoch=int(epoch))
             windows[mask] = perm(positions[mask] % self.num_windows)
-        picks, window = np.divmod(windows, self.per_sample)
-        subset = self.blend.index[picks] if self.blend is not None else picks
+        return np.divmod(windows, self.per_sample)
+
+    def windows_at(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global positions -> (base sample index, token offset of the window)."""
+        picks, window = self._picks(positions)
+        subset = self.blend.subset_indices(picks) if self.blend is not None else picks
         return self.train.base_indices_of(subset), window * self.seq_len
+
+    def sources_at(self, positions: np.ndarray) -> np.ndarray:
+        """Global source id of the window at each global position (a blend knows it without a shard read)."""
+        picks, _ = self._picks(positions)
+        if self.blend is not None:
+            return self.blend.sources_at(picks)
+        return self.base.sources_at(self.train.base_indices_of(picks))
 
     def positions_of(self, base_index: int, *, start: int, stop: int) -> list[tuple[int, int]] | None:
         """(position, offset) of every window of base sample `base_index` consumed at positions
@@ -213,33 +226,31 @@ class TrainOrder:
 
     def _shard_sources(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         """Global source ids of one shard's rows (its .src.npy, memory-mapped once)."""
-        if shard not in self._src_cache:
-            local = np.load(self.base._src_files[shard], mmap_mode="r")
-            self._src_cache[shard] = (local, self.base._src_maps[shard])
-        return self._src_cache[shard]
+        return self.base.shard_sources(shard), self.base._src_maps[shard]
 
     def sources_of(self, bases: np.ndarray) -> np.ndarray:
-        """Global source id of each base sample; reads only the shards involved (no O(corpus) array)."""
-        bases = np.asarray(bases, dtype=np.int64)
-        shards = np.searchsorted(self.base._offsets, bases, side="right") - 1
-        out = np.empty_like(bases)
-        for shard in np.unique(shards):
-            mask = shards == shard
-            local, mapping = self._shard_sources(int(shard))
-            out[mask] = mapping[np.asarray(local[bases[mask] - self.base._offsets[shard]], dtype=np.int64)]
-        return out
+        """Global source id of each base sample; reads only the rows involved (no O(corpus) array)."""
+        return self.base.sources_at(bases)
 
     def natural_mix(self) -> dict[str, float]:
-        """Source shares of the training split (what an unblended run consumes on average), shard by shard."""
-        counts = np.zeros(len(self.base.sources), dtype=np.int64)
-        for shard in range(len(self.base.bin_paths)):
-            first, last = int(self.base._offsets[shard]), int(self.base._offsets[shard + 1])
-            if last == first:
-                continue
-            in_train = np.isin(np.arange(first, last) // self.train._block_size, self.train._blocks)
-            local, mapping = self._shard_sources(shard)
-            counts += np.bincount(mapping[np.asarray(local, dtype=np.int64)[in_train]], minlength=len(counts))
-        return {n: float(c) / max(int(counts.sum()), 1) for n, c in zip(self.base.sources, counts)}
+        """Source shares of the training split (what an unblended run consumes on average): the split's
+        blocks summed in the blend's per-block source table (megamobi/data/blend_index.py, cached)."""
+        if self._natural is None:
+            from .blend_index import block_source_counts
+
+            table = block_source_counts(self.base, block_size=self.train._block_size)
+            counts = np.asarray(table[self.train._blocks].sum(axis=0, dtype=np.int64))[:len(self.base.sources)]
+            self._natural = {n: float(c) / max(int(counts.sum()), 1) for n, c in zip(self.base.sources, counts)}
+        return self._natural
+
+    def windows_tokens(self, shards: np.ndarray, rows: np.ndarray, offsets: np.ndarray, *, length: int) -> np.ndarray:
+        """(n, length) tokens of n windows: row rows[i] of shard shards[i] from token offsets[i]."""
+        out = np.empty((len(rows), length), dtype=TOKEN_DTYPE)
+        columns = np.arange(length)
+        for shard in np.unique(shards):
+            mask = shards == shard
+            out[mask] = self.base._bins[int(shard)][rows[mask][:, None], offsets[mask][:, None] + columns[None, :]]
+        return out
 
     def locate(self, base_index: int) -> tuple[Path, int]:
         shard, row = self.base.locate(base_index)
@@ -354,16 +365,23 @@ class RunReplay:
                 raise ReplayError(f"--rank {rank}: steps {lo}-{hi} ran with {d} data-parallel rank(s) (0..{d - 1})")
             ranks = range(d) if rank is None else [rank]
             for step in range(lo, hi + 1):
+                # One vectorised read per step: every asked rank's windows, their shards, rows, sources
+                # and tokens (a (n, seq_len + 1) array turned into lists by numpy, not token by token).
                 start = segment.position(step)
-                for r in ranks:
-                    positions = np.arange(start + r * per_rank, start + (r + 1) * per_rank, dtype=np.int64)
-                    bases, offsets = order.windows_at(positions)
-                    for i, (base, offset) in enumerate(zip(bases.tolist(), offsets.tolist())):
-                        shard, row = order.locate(base)
-                        tokens = order.base[base][offset:offset + segment.seq_len + 1]
-                        yield Sequence(step=step, stage=segment.stage + 1, rank=r, micro_batch=i // mb, sample_index=base,
-                                       shard=str(shard), row=row, offset=offset, source=order.base.sources[int(order.sources_of([base])[0])],
-                                       tokens=[int(t) for t in tokens], skipped=step in segment.skipped_steps)
+                positions = np.concatenate([np.arange(start + r * per_rank, start + (r + 1) * per_rank, dtype=np.int64)
+                                            for r in ranks])
+                bases, offsets = order.windows_at(positions)
+                shards = np.searchsorted(order.base._offsets, bases, side="right") - 1
+                rows = bases - order.base._offsets[shards]
+                sources = order.sources_of(bases)
+                tokens = order.windows_tokens(shards, rows, offsets, length=segment.seq_len + 1)
+                skipped = step in segment.skipped_steps
+                for i, (base, shard, row, offset, source, window) in enumerate(zip(
+                        bases.tolist(), shards.tolist(), rows.tolist(), offsets.tolist(), sources.tolist(), tokens.tolist())):
+                    r, within = ranks[i // per_rank], i % per_rank
+                    yield Sequence(step=step, stage=segment.stage + 1, rank=r, micro_batch=within // mb, sample_index=base,
+                                   shard=str(order.base.bin_paths[shard]), row=row, offset=offset,
+                                   source=order.base.sources[source], tokens=window, skipped=skipped)
 
     def find(self, location: str) -> dict[str, Any]:
         """Where one sample's windows were consumed: {"sample_index", "shard", "row", "source",
@@ -403,8 +421,8 @@ class RunReplay:
         tokens: dict[str, int] = {}
         for start, stop in _trained_ranges(segment, lo, hi):
             for begin in range(start, stop, chunk):
-                bases, _ = order.windows_at(np.arange(begin, min(begin + chunk, stop), dtype=np.int64))
-                counts = np.bincount(order.sources_of(bases), minlength=len(order.base.sources))
+                sources = order.sources_at(np.arange(begin, min(begin + chunk, stop), dtype=np.int64))
+                counts = np.bincount(sources, minlength=len(order.base.sources))
                 for name, count in zip(order.base.sources, counts.tolist()):
                     if count:
                         tokens[name] = tokens.get(name, 0) + count * segment.seq_len
@@ -485,27 +503,68 @@ def check_data_unchanged(segment: Segment, *, where: str, launch_dir: str | None
                               "replay would list other tokens than the run saw. Restore the original shards.")
 
 
+MIX_CACHE_NAME = ".consumed_mix.json"  # in the run directory: each checkpoint's consumed tokens per source
+
+
+def _history_key(segments: list[Segment]) -> str:
+    """What a checkpoint's consumed mix depends on: its recorded segments (configs, layouts, steps,
+    skipped steps, the shards' manifest checksums)."""
+    return hashlib.sha256(json.dumps([s.to_record() for s in segments], sort_keys=True).encode()).hexdigest()
+
+
+def _read_mix_cache(path: Path) -> dict:
+    try:
+        cache = json.loads(path.read_text())
+        return cache if isinstance(cache, dict) and cache.get("version") == 1 else {"version": 1}
+    except (OSError, ValueError):
+        return {"version": 1}
+
+
+def _write_mix_cache(path: Path, cache: dict) -> None:
+    """Atomic (a unique temporary name, then rename); a read-only run directory keeps no cache."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
 def consumed_mixes(run_dir: str | Path) -> dict[str, dict[str, float]]:
     """Each checkpoint's consumed source shares over all its steps ({} per checkpoint whose data is
     unavailable or changed). Cumulative: each checkpoint adds the steps since the previous one when
-    their recorded histories agree, so the whole table costs one pass over the run's positions."""
+    their recorded histories agree, so the whole table costs one pass over the run's positions; and
+    cached in RUN_DIR/.consumed_mix.json (tokens per source, keyed by the checkpoint's recorded
+    history), so a later call only replays the steps of checkpoints it has not seen."""
+    cache_path = Path(run_dir) / MIX_CACHE_NAME
+    cache = _read_mix_cache(cache_path)
+    entries = cache.setdefault("checkpoints", {})
+    changed = False
     result: dict[str, dict[str, float]] = {}
     orders: dict[str, TrainOrder] = {}
     previous: tuple[list[Segment], int, dict[str, int]] | None = None
     for path, manifest in read_checkpoint_manifests(run_dir):
         try:
             replay = RunReplay(run_dir, checkpoint=(path, manifest), orders=orders)
-            tokens: dict[str, int] = {}
-            first = replay.segments[0].first_step
-            if previous is not None and truncate_segments(replay.segments, last_step=previous[1]) == previous[0]:
-                tokens, first = dict(previous[2]), previous[1] + 1
-            if first <= replay.last_step:
-                for name, entry in replay.mix(first, replay.last_step)["sources"].items():
-                    tokens[name] = tokens.get(name, 0) + entry["tokens"]
+            key = _history_key(replay.segments)
+            cached = entries.get(path.name)
+            if isinstance(cached, dict) and cached.get("key") == key and isinstance(cached.get("tokens"), dict):
+                tokens = {str(n): int(t) for n, t in cached["tokens"].items()}
+            else:
+                tokens = {}
+                first = replay.segments[0].first_step
+                if previous is not None and truncate_segments(replay.segments, last_step=previous[1]) == previous[0]:
+                    tokens, first = dict(previous[2]), previous[1] + 1
+                if first <= replay.last_step:
+                    for name, entry in replay.mix(first, replay.last_step)["sources"].items():
+                        tokens[name] = tokens.get(name, 0) + entry["tokens"]
+                entries[path.name], changed = {"key": key, "tokens": tokens}, True
         except (DataError, OSError, KeyError, ValueError):
             result[path.name], previous = {}, None
             continue
         total = sum(tokens.values())
         result[path.name] = {n: t / total for n, t in tokens.items() if t} if total else {}
         previous = (replay.segments, replay.last_step, tokens)
+    if changed:
+        _write_mix_cache(cache_path, cache)
     return result

@@ -1,4 +1,5 @@
 """Memory-mapped read access to one or more shard directories."""
+import os
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,8 @@ class ShardedDataset:
         self._bins: list[ShardBin] = []  # read with pread, not a memory map (megamobi.data.shard_reader)
         self._src_files: list[Path] = []
         self._src_maps: list[np.ndarray] = []  # local source id -> global id, per shard
+        self._src_mmaps: dict[int, np.ndarray] = {}  # shard -> its .src.npy memory-mapped (sources_at)
+        self._src_data_offsets: dict[int, int] = {}  # shard -> where its .src.npy array starts (sources_between)
         self.bin_paths: list[Path] = []  # per shard, for provenance listings (megamobi.replay)
         self.directory_starts: dict[str, tuple[int, int]] = {}  # path as given -> (first index, samples)
         counts: list[int] = []
@@ -80,6 +83,56 @@ class ShardedDataset:
         """Global source id of one sample (reads one entry of its shard's source file)."""
         shard, row = self.locate(int(index))
         return int(self._src_maps[shard][np.load(self._src_files[shard], mmap_mode="r")[row]])
+
+    def shard_sources(self, shard: int) -> np.ndarray:
+        """Local source ids of one shard's rows (its .src.npy, memory-mapped once)."""
+        if shard not in self._src_mmaps:
+            self._src_mmaps[shard] = np.load(self._src_files[shard], mmap_mode="r")
+        return self._src_mmaps[shard]
+
+    def sources_at(self, indices: np.ndarray) -> np.ndarray:
+        """Global source id of each sample index (vectorised): a shard with many rows asked for (1 in
+        64 or more: a replayed checkpoint interval) is read whole, sequentially; a few rows come from
+        its memory map."""
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty_like(indices)
+        if not indices.size:
+            return out
+        shards = np.searchsorted(self._offsets, indices, side="right") - 1
+        order = np.argsort(shards, kind="stable")
+        grouped = shards[order]
+        cuts = np.flatnonzero(np.diff(grouped)) + 1
+        for first, last in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(order)]])):
+            shard = int(grouped[first])
+            chosen = order[first:last]
+            rows = indices[chosen] - self._offsets[shard]
+            if len(chosen) * 64 >= self._offsets[shard + 1] - self._offsets[shard]:
+                local = np.fromfile(self._src_files[shard], dtype="<u2", offset=self._src_offset(shard))[rows]
+            else:  # a few rows: from the memory map
+                local = self.shard_sources(shard)[rows]
+            out[chosen] = self._src_maps[shard][np.asarray(local, dtype=np.int64)]
+        return out
+
+    def _src_offset(self, shard: int) -> int:
+        """Where a shard's .src.npy array starts (the .npy header's length; mapping touches no page)."""
+        if shard not in self._src_data_offsets:
+            self._src_data_offsets[shard] = int(np.load(self._src_files[shard], mmap_mode="r").offset)
+        return self._src_data_offsets[shard]
+
+    def sources_between(self, first: int, last: int) -> np.ndarray:
+        """Global source ids of samples [first, last), read with pread (no memory map: a long-running
+        rank reading a block here and there does not accumulate mapped pages, which the kernel's
+        read-ahead makes large)."""
+        parts = []
+        shard = int(np.searchsorted(self._offsets, first, side="right")) - 1
+        while first < last:
+            start, stop = first - int(self._offsets[shard]), min(last, int(self._offsets[shard + 1])) - int(self._offsets[shard])
+            with open(self._src_files[shard], "rb") as stream:
+                raw = os.pread(stream.fileno(), (stop - start) * 2, self._src_offset(shard) + start * 2)
+            parts.append(self._src_maps[shard][np.frombuffer(raw, dtype="<u2").astype(np.int64)])
+            first += stop - start
+            shard += 1
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def sample_sources(self) -> np.ndarray:
         """Global source id of every sample (int64, one entry per sample). O(N): used only for

@@ -27,7 +27,7 @@ def _base_index(dataset, index: int) -> int:
 
     while True:
         if isinstance(dataset, BlendedDataset):
-            index, dataset = int(dataset.index[index]), dataset.base
+            index, dataset = int(dataset.subset_indices([index])[0]), dataset.base
         elif isinstance(dataset, BlockSubset):
             index, dataset = dataset.base_index(index), dataset.base
         else:

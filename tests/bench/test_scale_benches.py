@@ -40,3 +40,26 @@ def test_preprocess_bench_rows(tmp_path):
     table = scale_preprocess.rows(lines=40, workers=2, workdir=tmp_path, repeats=1)
     _check(table, [">= 0.9", ">= 0.9", "<= 0.05"])
     assert "orjson" in table[0]["anchor"] or "msgspec" in table[0]["anchor"]
+
+
+def test_scale_driver_blend_and_replay_rows(tmp_path, capsys):
+    import pytest
+    import scale
+
+    out = scale.run(sections=["blend", "replay"], quick=True, workdir=tmp_path)
+    _check([r for r in out["blend"] if r["goal"] != "info"], ["<= 1 GiB", "<= 10 s", "<= 10 s", "<= 1 GiB"])
+    assert [r["goal"] for r in out["replay"]] == ["<= 1 s"] * 4 + [">= 10x"]
+    legacy = out["blend_figures"]["legacy"]
+    assert [e["tokens"] for e in legacy] == [2e8, 1e9] and abs(legacy[1]["samples"] - 5 * legacy[0]["samples"]) <= 5
+    assert all(e["peak_above_import"] > 0 and e["seconds"] > 0 for e in legacy)
+    replay = out["replay_figures"]
+    assert replay["steps_tokens"] == 64 * 2049 and replay["legacy_steps_s"] > 0
+    printed = capsys.readouterr().out
+    assert "== blend" in printed and "== replay" in printed and "load average" in printed
+    for bad in ("", "blend,nope"):
+        with pytest.raises(SystemExit) as exit_info:
+            scale.main(["--section", bad])
+        assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        scale.main(["--workdir", str(tmp_path / "missing")])
+    assert exit_info.value.code == 2

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from megamobi.data.permutation import FeistelPermutation
-from megamobi.data.replay import ReplayError, RunReplay
+from megamobi.data.replay import MIX_CACHE_NAME, ReplayError, RunReplay, consumed_mixes
 from megamobi.files import sha256_file
 
 
@@ -101,6 +101,30 @@ def test_mix_adds_up_to_the_consumed_tokens(tmp_path, token_shards):
     blended = replay.mix(1, 40)
     assert blended["blend"] == "weights" and blended["sources"]["arxiv"]["configured"] == 0.75
     assert abs(blended["sources"]["arxiv"]["share"] - 0.75) < 0.1
+
+
+def test_consumed_mixes_are_cached_per_checkpoint(tmp_path, token_shards):
+    run = _fake_run(tmp_path, token_shards)
+    first = consumed_mixes(run)["step_0000050"]
+    assert set(first) == {"c4", "arxiv"} and abs(sum(first.values()) - 1) < 1e-12
+    cache_path = run / MIX_CACHE_NAME
+    cache = json.loads(cache_path.read_text())
+    assert sum(cache["checkpoints"]["step_0000050"]["tokens"].values()) == 40 * 8 * 1024 + 10 * 8 * 256
+    # A second call reads the cache (a planted answer comes back) ...
+    cache["checkpoints"]["step_0000050"]["tokens"] = {"c4": 1, "arxiv": 3}
+    cache_path.write_text(json.dumps(cache))
+    assert consumed_mixes(run)["step_0000050"] == {"c4": 0.25, "arxiv": 0.75}
+    # ... unless the checkpoint's recorded history differs from the one cached: replayed again.
+    manifest_path = run / "checkpoints" / "step_0000050" / "megamobi.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["data_provenance"][-1]["skipped_steps"] = [50]
+    manifest_path.write_text(json.dumps(manifest))
+    again = consumed_mixes(run)["step_0000050"]
+    assert again != {"c4": 0.25, "arxiv": 0.75}
+    assert sum(json.loads(cache_path.read_text())["checkpoints"]["step_0000050"]["tokens"].values()) == 40 * 8 * 1024 + 9 * 8 * 256
+    cache_path.write_text("{torn")  # damaged: ignored and rewritten
+    assert consumed_mixes(run)["step_0000050"] == again
+    assert json.loads(cache_path.read_text())["version"] == 1
 
 
 def _cli(*args, cwd=None):

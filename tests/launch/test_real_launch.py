@@ -2,41 +2,21 @@
 as Python on 2 CPU ranks, and `bash launch/pretrain.sh` stopped by SIGTERM in the middle of a
 deliberately slow checkpoint save (longer than DeepSpeed's 30 s grace): the save finishes."""
 
-import dataclasses
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from launch_runs import launch_env as _env
+from launch_runs import relative_run as _relative_run
 from multiproc import free_port, run_ranks
-from run_yaml import write_run_yaml
 
 from megamobi.checkpointing.manifest import verify_checkpoint
 from megamobi.exit_codes import STOPPED_AFTER_SAVE
 
 REPO = Path(__file__).resolve().parents[2]
-VENV_BIN = Path(sys.executable).parent
-
-
-def _env(**extra) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MEGAMOBI_", "NPROC", "MASTER_"))}
-    env.update(PYTHON=sys.executable, PATH=f"{VENV_BIN}:{env.get('PATH', '')}", OMP_NUM_THREADS="1", **extra)
-    return env
-
-
-def _relative_run(tmp_path: Path, token_shards: Path, **train) -> Path:
-    """A run config whose run_dir and data.paths are relative: they must resolve from the user's directory."""
-    from launch_runs import make_small_run
-
-    shutil.copytree(token_shards, tmp_path / "shards")
-    run = make_small_run(tmp_path / "run", tmp_path / "shards", global_batch=8)
-    run = dataclasses.replace(run, run_dir="run", data=dataclasses.replace(run.data, paths=["shards"]),
-                              train=dataclasses.replace(run.train, **train))
-    return write_run_yaml(tmp_path / "run.yaml", run)
 
 
 def _reference_losses(run_yaml: Path, cwd: Path, steps: int) -> list[float]:

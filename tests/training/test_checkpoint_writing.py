@@ -16,7 +16,7 @@ import safetensors.torch
 import torch
 from multiproc import free_port, run_ranks
 from run_yaml import write_run_yaml
-from training_runs import make_run, train_losses
+from training_runs import descendants, make_run, train_losses
 
 from megamobi.checkpointing.hashed_files import FileDigests, safetensors_save_hashed, torch_save_hashed
 from megamobi.checkpointing.manifest import read_manifest, verify_checkpoint
@@ -86,7 +86,8 @@ def test_async_save_killed_signalled_and_resumed_bitwise(tmp_path, token_shards)
     # 1: kill -9 (every process) while step 4's background save is under way; step 2's is published.
     proc = _launch(run_yaml, MEGAMOBI_TEST_SAVE_DELAY_S="3")
     _wait_for(proc, lambda: _latest(checkpoints) == "step_0000002" and (checkpoints / ".step_0000004.partial").exists())
-    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in [proc.pid, *descendants(proc.pid)]:  # the ranks too: they run in sessions of their own
+        os.kill(pid, signal.SIGKILL)
     proc.wait()
     assert _latest(checkpoints) == "step_0000002" and verify_checkpoint(checkpoints / "step_0000002") == []
     assert not (checkpoints / "step_0000004").exists()

@@ -30,7 +30,7 @@ import pytest
 import torch
 from multiproc import free_port, run_ranks
 from run_yaml import write_run_yaml
-from training_runs import make_run, read_metrics
+from training_runs import descendants, make_run, read_metrics
 
 from megamobi.checkpointing.manifest import read_manifest
 from megamobi.checkpointing.model_files import read_full_tensors
@@ -122,26 +122,9 @@ def _launch(config: Path, log: Path, *, kill_after_step: int | None = None) -> i
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "the run never reached the step to kill it at"
             time.sleep(0.002)
-        for pid in [proc.pid, *_descendants(proc.pid)]:  # the ranks run in sessions of their own
+        for pid in [proc.pid, *descendants(proc.pid)]:  # the ranks run in sessions of their own
             os.kill(pid, signal.SIGKILL)
         return proc.wait(timeout=60)
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid` (bash -> megamobi.launcher -> the ranks), from /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # ended meanwhile
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def _logged_step(metrics: Path) -> int:
