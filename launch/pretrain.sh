@@ -86,6 +86,7 @@ run_and_report() {
   case $status in
     0) ;;
     2) ;;  # a user error, already explained in one line
+    74) echo "launch/pretrain.sh: a checkpoint could not be saved (exit status 74): the line above names the path and the free space; \`latest\` still names the previous checkpoint: make room (or fix the mount) and run the same command" >&2 ;;
     75) echo "launch/pretrain.sh: the run stopped early, after a clean checkpoint save (exit status 75); run the same command again (or let the requeued job start) to continue" ;;
     76) echo "launch/pretrain.sh: the run hung and was stopped (exit status 76): the line above names the rank(s); stacks in the run_dir's logs/hang-*/; the newest checkpoint is intact" >&2 ;;
     *) echo "launch/pretrain.sh: the run failed (exit status $status); the newest complete checkpoint in its run_dir is intact; the launcher's line above names the rank that failed first and why (without such a line, megamobi.launcher itself was killed: its ranks save a checkpoint and stop on their own)" >&2 ;;

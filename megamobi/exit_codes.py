@@ -6,6 +6,9 @@
     3    training stopped on bad steps: train.max_bad_steps in a row, train.divergence (stop, max_rewinds),
          or weights in question (a non-finite step) when a save could not wait; the message names
          the newest healthy checkpoint to resume from (docs/training.md "Healthy checkpoints")
+    74   a checkpoint could not be saved (disk full, permission denied, a read-only file system): the
+         line above names the path and the free space; its partial directory was removed and `latest`
+         still names the previous checkpoint. Make room (or fix the mount) and run the same command
     75   stopped early by a signal (SLURM's time-limit warning SIGUSR1, SIGTERM, SIGINT) after a clean
          checkpoint save: run the same command again (or let `scontrol requeue` do it) to continue
     76   hung: no progress for launch.hang_timeout_s (the job requeued itself under SLURM with
@@ -20,5 +23,6 @@ OK = 0
 FAILED = 1
 USAGE = 2
 NON_FINITE = 3
+SAVE_FAILED = 74  # sysexits' EX_IOERR
 STOPPED_AFTER_SAVE = 75  # sysexits' EX_TEMPFAIL: "try again later", which is what a requeue does
 HUNG = 76  # the hang watchdog stopped the job (megamobi/training/watchdog.py)

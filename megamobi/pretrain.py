@@ -132,6 +132,9 @@ def _main(argv: list[str] | None) -> int:
         plan = resume_plan(run, verify=args.check_only)
         notes = plan.lines + ([] if plan.restart else check_appended_logs(run.run_dir))  # a restart moves them aside
         check_start_checkpoints(run, resume_from=plan.checkpoint)  # run_dir's model and position, checkpoint.init_from
+        from megamobi.checkpointing.storage import check_storage
+
+        check_storage(run, world_size=world_size)  # writable, and room for one more checkpoint: before any step
         check_validation_data(run, data)
         if args.verify_shards:
             verify_shards(run, check_only=args.check_only, world_size=world_size)
@@ -181,11 +184,17 @@ def _main(argv: list[str] | None) -> int:
             print(finished, flush=True)
         return 0
 
+    from megamobi.checkpointing.commit import CheckpointNotSaved
     from megamobi.distributed import init_distributed
     from megamobi.training.early_stop import ignore_late_signals
     from megamobi.training.loop import NonFiniteLossError, Trainer
 
     quiet_known_noise()
+    import faulthandler
+
+    # A fatal signal (SIGSEGV, SIGBUS: a memory map whose file was cut short) prints every thread's
+    # Python stack, so the log says where it happened (shard samples are read without maps).
+    faulthandler.enable(all_threads=True)
     try:
         init_distributed(rendezvous_timeout=run.launch.rendezvous_timeout_s,  # RendezvousError: exit 2
                          collective_timeout=run.launch.collective_timeout_s)
@@ -202,6 +211,11 @@ def _main(argv: list[str] | None) -> int:
     except NonFiniteLossError as err:
         print(f"megamobi: error: {err}", file=sys.stderr)
         return 3
+    except CheckpointNotSaved as err:  # a full disk, a read-only mount: said in words, no traceback
+        from megamobi.exit_codes import SAVE_FAILED
+
+        print(f"megamobi: error: {err}", file=sys.stderr, flush=True)
+        return SAVE_FAILED
     except RuntimeError as err:
         if "timed out" not in str(err).lower() and "timeout" not in str(err).lower():
             raise

@@ -16,7 +16,7 @@ import sys
 import threading
 from typing import BinaryIO
 
-from megamobi.exit_codes import FAILED, HUNG, NON_FINITE, USAGE
+from megamobi.exit_codes import FAILED, HUNG, NON_FINITE, SAVE_FAILED, USAGE
 
 TAIL_LINES = 20
 
@@ -77,10 +77,13 @@ def describe_status(status: int) -> str:
             name = signal.Signals(status - 128).name
         except ValueError:
             name = f"signal {status - 128}"
-        hint = " (the out-of-memory killer, or a kill -9)" if name == "SIGKILL" else ""
+        hints = {"SIGKILL": " (the out-of-memory killer, or a kill -9)",
+                 # Shard samples are read without memory maps (megamobi/data/shard_reader.py); other maps remain.
+                 "SIGBUS": " (a memory-mapped file was cut short while the rank read it; its Python stack is above)"}
+        hint = hints.get(name, "")
         return f"killed by {name}{hint}, exit status {status}"
     meaning = {USAGE: "a user error caught before training", FAILED: "an error", NON_FINITE: "non-finite losses",
-               HUNG: "hung, stopped by the hang watchdog"}
+               HUNG: "hung, stopped by the hang watchdog", SAVE_FAILED: "a checkpoint could not be saved"}
     return f"exit status {status}" + (f" ({meaning[status]})" if status in meaning else "")
 
 

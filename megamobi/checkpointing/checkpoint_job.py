@@ -128,4 +128,7 @@ class CheckpointJob:
         """Remove what this job wrote (after a failure: a full disk gets its space back, so that the
         rank can still report the failure)."""
         for path in self._paths:
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:  # a file system turned read-only keeps them; the failure is reported anyway
+                pass

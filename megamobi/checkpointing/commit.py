@@ -38,6 +38,10 @@ def gather_rank_digests(partial: Path, *, world_size: int, poll_s: float = 0.02)
     """Rank 0: wait until every rank reported, then all digests; CheckpointNotSaved if any failed."""
     reports = [Path(partial) / DONE_DIR / f"rank{rank:05d}.json" for rank in range(world_size)]
     while not all(report.is_file() for report in reports):
+        if os.statvfs(partial).f_flag & os.ST_RDONLY:  # a rank that could not report never will
+            missing = [rank for rank, report in enumerate(reports) if not report.is_file()]
+            raise CheckpointNotSaved(f"permission denied (read-only file system) writing {partial}: rank(s) "
+                                     f"{', '.join(map(str, missing))} could not report")
         time.sleep(poll_s)
     digests: dict[str, Any] = {}
     errors = []

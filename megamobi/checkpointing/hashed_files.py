@@ -86,8 +86,8 @@ class HashingWriter:
                 if self._fill == len(self._stage):
                     self._drain()
         except OSError as err:  # torch.save's C++ writer would turn it into "unexpected pos ..."
-            self.error = err
-            raise
+            self.error = _naming(err, self.path)
+            raise self.error from None
         self._size += view.nbytes
         return view.nbytes
 
@@ -121,8 +121,8 @@ class HashingWriter:
                 os.ftruncate(self._fd, self._size)  # the padding of the last block goes
             os.fsync(self._fd)
         except OSError as err:
-            self.error = err
-            raise
+            self.error = _naming(err, self.path)
+            raise self.error from None
         finally:
             os.close(self._fd)
             self._fd = -1
@@ -137,6 +137,13 @@ class HashingWriter:
         elif self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    """`err` with the file's path (os.write's errors name none): "disk full writing PATH"."""
+    if err.filename is not None:
+        return err
+    return type(err)(err.errno, err.strerror, str(path))
 
 
 def staging_buffer() -> memoryview:

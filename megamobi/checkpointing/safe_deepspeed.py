@@ -37,6 +37,10 @@ def use_safe_loading(engine) -> None:
     """Make `engine.load_checkpoint` (and the pipeline module's layer loading) weights-only, and its
     saves go through megamobi's checkpoint jobs (hashed while written)."""
     engine.checkpoint_engine = PlannedSaveCheckpointEngine(engine._config)
+    # DeepSpeed's rank 0 copies zero_to_fp32.py into every save, a file written outside the job, between
+    # two of its barriers: on a full or read-only disk it would fail there alone and leave the other
+    # ranks waiting. Those scripts cannot read megamobi's checkpoints anyway (training/checkpoint.py).
+    engine._copy_recovery_script = lambda save_path: None
 
 
 class PlannedSaveCheckpointEngine(SafeTorchCheckpointEngine):

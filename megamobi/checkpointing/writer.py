@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from megamobi.checkpointing.checkpoint_job import CheckpointJob, SnapshotBuffers
+from megamobi.checkpointing.commit import CheckpointNotSaved
 
 
 class CheckpointWriter:
@@ -37,14 +38,20 @@ class CheckpointWriter:
         def run() -> None:
             try:
                 work()
-            except BaseException as err:  # reported here, raised by wait() at the end of the run
+            except BaseException as err:  # reported here, raised by wait() (the next save, the next step)
                 self._failed = err
-                self.report(f"checkpoint {what} NOT saved (the background save failed, nothing was "
-                             f"published; `latest` still names the previous checkpoint): {err}")
+                self.report(f"{err} (a background save)" if isinstance(err, CheckpointNotSaved) else
+                            f"checkpoint {what} NOT saved (the background save failed, nothing was "
+                            f"published; `latest` still names the previous checkpoint): {err}")
 
         # A daemon: a run that crashes is not kept alive by a save that can no longer be published.
         self._thread = threading.Thread(target=run, name=f"megamobi-save-{what}", daemon=True)
         self._thread.start()
+
+    @property
+    def failed(self) -> bool:
+        """A background save has failed (and not yet been collected by wait()); does not block."""
+        return self._failed is not None
 
     def wait(self) -> BaseException | None:
         """Block until the save in flight is done; returns the error that stopped it, if any."""

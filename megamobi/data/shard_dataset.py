@@ -7,9 +7,10 @@ import numpy as np
 from megamobi.files import read_json
 
 from .errors import ShardError
-from .indexed_format import SEQ_LEN, TOKEN_DTYPE
+from .indexed_format import SEQ_LEN
 from .manifest import FORMAT_NAME, MANIFEST_NAME
 from .shard_check import shard_problems
+from .shard_reader import ShardBin
 
 _FIX_HINT = "re-run data_tools/preprocess_amber.py with the same arguments to rebuild the damaged shards"
 
@@ -19,13 +20,13 @@ class ShardedDataset:
 
     Opening reads each manifest, stats every file and reads each .idx header (34 bytes):
     O(number of shards), no per-sample index is built. ds[i] is a read-only uint16 view
-    of SEQ_LEN tokens straight from the memory map."""
+    of SEQ_LEN tokens read from its shard (a shard cut short since: a ShardError naming it)."""
 
     def __init__(self, paths: list[str | Path], *, verify_checksums: bool = False) -> None:
         if not paths:
             raise ShardError("no shard directories given")
         self.sources: list[str] = []
-        self._bins: list[np.memmap] = []
+        self._bins: list[ShardBin] = []  # read with pread, not a memory map (megamobi.data.shard_reader)
         self._src_files: list[Path] = []
         self._src_maps: list[np.ndarray] = []  # local source id -> global id, per shard
         self._src_mmaps: dict[int, np.ndarray] = {}  # shard -> its .src.npy memory-mapped (sources_at)
@@ -51,8 +52,7 @@ class ShardedDataset:
                     raise ShardError(f"shard {record['name']} in {directory} refused: "
                                      + "; ".join(problems) + f". To fix: {_FIX_HINT}")
                 n = record["num_samples"]
-                self._bins.append(np.memmap(directory / record["files"]["bin"]["file"], dtype=TOKEN_DTYPE,
-                                            mode="r", shape=(n, SEQ_LEN)))
+                self._bins.append(ShardBin(directory / record["files"]["bin"]["file"], num_samples=n))
                 self._src_files.append(directory / record["files"]["src"]["file"])
                 self._src_maps.append(local_to_global)
                 self.bin_paths.append(directory / record["files"]["bin"]["file"])

@@ -31,7 +31,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megamobi.checkpointing.commit import CheckpointNotSaved, gather_rank_digests, publish_checkpoint, report_rank_done
+from megamobi.checkpointing.commit import (
+    LATEST,
+    CheckpointNotSaved,
+    gather_rank_digests,
+    publish_checkpoint,
+    report_rank_done,
+)
 from megamobi.checkpointing.manifest import (
     CHECKPOINTS,
     complete_checkpoints,
@@ -39,6 +45,7 @@ from megamobi.checkpointing.manifest import (
     read_manifest,
     verify_checkpoint,
 )
+from megamobi.checkpointing.storage import describe_write_error
 from megamobi.checkpointing.writer import CheckpointWriter
 from megamobi.model_config import ModelConfig
 from megamobi.training import interval_health
@@ -143,18 +150,27 @@ def save_checkpoint(*, run_dir: Path, engine, state: TrainerState, model_config:
     """Collective: every rank calls it. `write_portable_state(dir, job)` adds the layout-independent
     files to this rank's job. The files are hashed while written and published by rank 0 once every
     rank reported (megamobi.checkpointing.commit); with a background `writer` this returns as soon
-    as the state is copied, otherwise once the checkpoint is published."""
+    as the state is copied, otherwise once the checkpoint is published. A save that fails (this one,
+    or the background save before it) raises CheckpointNotSaved on every rank, its partial directory
+    removed and `latest` unchanged."""
     writer = writer or CheckpointWriter(background=False)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     name = checkpoint_name(state.step)
     root = checkpoints_dir(run_dir)
     final, partial = root / name, root / f".{name}.partial"
-    writer.wait()  # a save waits for the one before it (it may prune, or even be of the same step)
+    # A save waits for the one before it (it may prune, or even be of the same step); if that one failed,
+    # every rank stops here rather than train on what could not be saved.
+    agree_saved(writer.wait(), root=root, name="the previous checkpoint")
+    started = None
     if rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    _barrier()
+        try:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        except OSError as err:  # a read-only or full file system: nothing written, nothing to remove
+            reason = describe_write_error(err, directory=root) or f"{type(err).__name__}: {err}"
+            started = CheckpointNotSaved(not_saved_line(name, reason=reason, root=root))
+    agree_saved(started, root=root, name=name)  # also the barrier: the partial directory exists for every rank
     job = writer.new_job(partial)
     engine.checkpoint_engine.job = job  # DeepSpeed's state dicts go into the job (safe_deepspeed)
     try:
@@ -169,32 +185,74 @@ def save_checkpoint(*, run_dir: Path, engine, state: TrainerState, model_config:
         job.add_json(partial / TRAINER_STATE, dict(state.__dict__))
 
     def write_and_publish() -> None:
-        failed = None
+        failed, reason, reported = None, None, True
         try:
             files = job.write(verify=writer.background)
             slow_save_for_tests()  # MEGAMOBI_TEST_SAVE_DELAY_S: a signal or a kill can arrive mid-save
             report_rank_done(partial, rank=rank, files=files)
         except Exception as err:
             failed = err
+            # In words before the rank's files go (the free space is what the writer met).
+            reason = describe_write_error(err, directory=root) or f"{type(err).__name__}: {err}"
             job.discard()  # a full disk gets its space back, so the report below can be written
-            report_rank_done(partial, rank=rank, files=None, error=f"{type(err).__name__}: {err}")
+            try:
+                report_rank_done(partial, rank=rank, files=None, error=reason)
+            except OSError:  # read-only by now: rank 0 notices that itself (gather_rank_digests)
+                reported = False
         if rank == 0:
             try:
+                if not reported:  # rank 0's own report is missing: waiting for it would never end
+                    raise CheckpointNotSaved(f"rank 0: {reason}")
                 digests = gather_rank_digests(partial, world_size=world_size)  # every rank, rank 0 too
-            except CheckpointNotSaved:
+                publish_checkpoint(partial, final, model_config=model_config, info=manifest_info, digests=digests)
+            except Exception as err:
                 shutil.rmtree(partial, ignore_errors=True)
-                raise
-            publish_checkpoint(partial, final, model_config=model_config, info=manifest_info, digests=digests)
+                why = str(err) if isinstance(err, CheckpointNotSaved) else (
+                    describe_write_error(err, directory=root) or f"{type(err).__name__}: {err}")
+                raise CheckpointNotSaved(not_saved_line(name, reason=why, root=root, partial=partial)) from None
             prune_checkpoints(run_dir, keep_last=keep_last, protect=(final, *protect), newest_healthy=final)
             if writer.background:
                 writer.report(f"saved checkpoint {final} (written in the background)")
         if failed is not None:
-            raise failed
+            raise CheckpointNotSaved(not_saved_line(name, reason=f"rank {rank}: {reason}", root=root)) from failed
 
-    writer.submit(write_and_publish, what=name)
+    try:
+        writer.submit(write_and_publish, what=name)
+    except CheckpointNotSaved as err:  # a synchronous save: every rank learns of it below
+        agree_saved(err, root=root, name=name)
     if not writer.background:
-        _barrier()
+        agree_saved(None, root=root, name=name)
     return final
+
+
+def not_saved_line(name: str, *, reason: str, root: Path, partial: Path | None = None) -> str:
+    """`partial`: rank 0's word on the partial directory (removed, or left where it cannot be)."""
+    latest = root / LATEST
+    previous = latest.read_text().strip() if latest.is_file() else None
+    kept = (f"`latest` still names {previous}, which the same command resumes from" if previous
+            else "there is no earlier checkpoint: the same command starts from step 0")
+    left = "" if partial is None else (f" {partial} could not be removed (a resume ignores it)." if partial.exists()
+                                       else " Its partial directory was removed.")
+    return f"checkpoint {name} NOT saved: {reason}.{left} {kept} once the file system has room and is writable"
+
+
+def agree_saved(failure: BaseException | None, *, root: Path, name: str) -> None:
+    """Collective: raise CheckpointNotSaved on every rank if any rank's save failed (the rank that
+    failed says why; rank 0, which gathers every rank's report, says it for all)."""
+    anyone = failure is not None
+    if dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([1.0 if anyone else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        anyone = bool(flag.item())
+    if not anyone:
+        return
+    if isinstance(failure, CheckpointNotSaved):
+        raise failure
+    if failure is not None:
+        raise CheckpointNotSaved(str(failure)) from failure
+    raise CheckpointNotSaved(f"checkpoint {name} NOT saved: another rank could not write its part (it says why); "
+                             f"the newest checkpoint in {root} is intact")
 
 
 # DeepSpeed copies these into every checkpoint it saves. They cannot read ours: zero_to_fp32.py fails
@@ -205,8 +263,11 @@ DEEPSPEED_RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
 
 def drop_deepspeed_recovery_scripts(deepspeed_dir: Path) -> None:
     """Remove DeepSpeed's recovery scripts (rank 0 copies them during save_checkpoint) before the manifest."""
-    for script in DEEPSPEED_RECOVERY_SCRIPTS:
-        (deepspeed_dir / script).unlink(missing_ok=True)
+    for script in DEEPSPEED_RECOVERY_SCRIPTS:  # not copied at all since use_safe_loading(); kept for safety
+        try:
+            (deepspeed_dir / script).unlink(missing_ok=True)
+        except OSError:  # a read-only file system says so even of a missing file: the write fails later
+            pass
 
 
 def prune_checkpoints(run_dir: Path, *, keep_last: int | None, protect: tuple[Path | None, ...],

@@ -19,12 +19,14 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from megamobi.checkpointing.commit import CheckpointNotSaved
 from megamobi.checkpointing.manifest import read_manifest
 from megamobi.checkpointing.model_files import read_full_model
 from megamobi.checkpointing.recorded_paths import launch_dir_record
 from megamobi.checkpointing.safe_deepspeed import use_safe_loading
 from megamobi.checkpointing.writer import CheckpointWriter
 from megamobi.config_io import ConfigError, to_dict
+from megamobi.data.errors import ShardError
 from megamobi.kernels.plan import apply_run_kernels
 from megamobi.model import flops_per_token
 from megamobi.parallel.build import build_parallel_model
@@ -390,11 +392,16 @@ class Trainer:
     def _agreed_preemption(self) -> str | None:
         """All ranks stop together if any rank was signalled (SLURM may signal only some). SIGTERM (a
         cancel) wins over SIGUSR1 (the time-limit warning, after which the job requeues itself); SIGINT
-        (Ctrl-C) over both: neither requeues, and the log names what the user did."""
+        (Ctrl-C) over both: neither requeues, and the log names what the user did. The same collective
+        carries whether a background save failed (a full disk, a read-only mount): then every rank
+        stops here with CheckpointNotSaved instead of training on what cannot be saved."""
         codes = {None: 0.0, "SIGUSR1": 1.0, "SIGTERM": 2.0, "SIGINT": 3.0}
-        flag = torch.tensor([codes[self.preempted.signal_name]], device=self.device)
+        flag = torch.tensor([codes[self.preempted.signal_name], 1.0 if self.checkpoint_writer.failed else 0.0],
+                            device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return {1.0: "SIGUSR1", 2.0: "SIGTERM", 3.0: "SIGINT"}.get(flag.item())
+        if flag[1].item():
+            self.wait_for_checkpoint()  # raises CheckpointNotSaved on every rank
+        return {1.0: "SIGUSR1", 2.0: "SIGTERM", 3.0: "SIGINT"}.get(flag[0].item())
 
     def _log_step(self, *, loss: float, lr: float, grad_norm: float | None, step_time: float) -> None:
         tokens_per_s = self.run.tokens_per_step / step_time / dist.get_world_size()
@@ -475,20 +482,38 @@ class Trainer:
         self.last_checkpoint = path
         self.health.reset()
         self.recovery.saved(self.state.step)
+        self._check_shard_sizes()
         return path
 
+    def _check_shard_sizes(self) -> None:
+        """Collective, at each checkpoint: a shard cut shorter than its index since the start stops the
+        run now, by name, once the checkpoint just saved is complete (every sample read so far was
+        whole: a short read is a ShardError of its own, megamobi.data.shard_reader)."""
+        from megamobi.data.shard_reader import shards_shorter_than_index
+        from megamobi.data.stages import all_paths
+        from megamobi.training.checkpoint import from_rank0
+
+        problems = from_rank0(shards_shorter_than_index(all_paths(self.run.data_stages)) if self.rank == 0 else None)
+        if problems:
+            self.wait_for_checkpoint()
+            raise ShardError("; ".join(problems))
+
     def wait_for_checkpoint(self) -> None:
-        """Collective: the last save is complete, published on every rank's word, or this raises."""
+        """Collective: the last save is complete, published on every rank's word, or this raises
+        CheckpointNotSaved (on every rank: megamobi.pretrain ends with the reason, exit status 74)."""
         failed = self.checkpoint_writer.wait()
         if self.checkpoint_writer.background and self.last_checkpoint is not None:
             anyone = torch.tensor([0.0 if failed is None else 1.0], device=self.device)
             dist.all_reduce(anyone, op=dist.ReduceOp.MAX)  # also: rank 0 has published it
             if anyone.item() and failed is None:
-                failed = RuntimeError("another rank could not write its part (it reported why)")
+                failed = CheckpointNotSaved(f"checkpoint {self.last_checkpoint.name} NOT saved: another rank could "
+                                            "not write its part (it says why)")
             if failed is None:
                 self.logger.info(f"saved checkpoint {self.last_checkpoint}")
+        if isinstance(failed, CheckpointNotSaved):
+            raise failed
         if failed is not None:
-            raise RuntimeError(f"the last checkpoint ({self.last_checkpoint}) was not saved: {failed}") from failed
+            raise CheckpointNotSaved(f"the last checkpoint ({self.last_checkpoint}) was not saved: {failed}") from failed
 
 
 def _gather_hosts() -> list[str]:

@@ -153,7 +153,7 @@ def test_failed_background_save_is_reported_and_never_published(tmp_path, token_
         # Step 2's checkpoint fits; step 4's does not: reported, not published, latest unchanged.
         assert _latest(checkpoints) == "step_0000002" and verify_checkpoint(checkpoints / "step_0000002") == []
         assert not (checkpoints / "step_0000004").exists() and not list(checkpoints.glob(".step_*.partial"))
-        assert any(e and "step_0000004" in e and "was not saved" in e for e in errors), errors
+        assert any(e and "checkpoint step_0000004 NOT saved" in e and "disk full writing" in e for e in errors), errors
 
 
 def _verify_shared(rank, checkpoint):
