@@ -53,9 +53,16 @@ def cache_key(shards, *, block_size: int) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _valid(table: np.ndarray, shards, *, block_size: int) -> bool:
-    return (table.dtype == np.int32 and table.shape == (-(-len(shards) // block_size), max(len(shards.sources), 1))
-            and int(table.sum(dtype=np.int64)) == len(shards))
+def _cached(path: Path, shards, *, block_size: int) -> np.ndarray | None:
+    """The cached table, memory-mapped, or None when it is missing or damaged."""
+    try:
+        table = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    shape = (-(-len(shards) // block_size), max(len(shards.sources), 1))
+    if table.dtype == np.int32 and table.shape == shape and int(table.sum(dtype=np.int64)) == len(shards):
+        return table
+    return None
 
 
 def block_source_counts(shards, *, block_size: int) -> np.ndarray:
@@ -63,12 +70,9 @@ def block_source_counts(shards, *, block_size: int) -> np.ndarray:
     missing or damaged), or built in memory when the first data directory is not writable."""
     folder = Path(next(iter(shards.directory_starts))) / CACHE_DIR
     path = folder / f"source_blocks-{cache_key(shards, block_size=block_size)}.npy"
-    try:
-        table = np.load(path, mmap_mode="r")
-        if _valid(table, shards, block_size=block_size):
-            return table
-    except (OSError, ValueError):
-        pass
+    table = _cached(path, shards, block_size=block_size)
+    if table is not None:
+        return table
     try:
         folder.mkdir(exist_ok=True)
         lock = open(folder / "lock", "a")
@@ -76,12 +80,9 @@ def block_source_counts(shards, *, block_size: int) -> np.ndarray:
         return _build(shards, block_size=block_size)  # read-only shards: no cache
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one process builds; the others wait here, then map its file
-        try:
-            table = np.load(path, mmap_mode="r")
-            if _valid(table, shards, block_size=block_size):
-                return table
-        except (OSError, ValueError):
-            pass
+        table = _cached(path, shards, block_size=block_size)  # built by another process while this one waited
+        if table is not None:
+            return table
         for stale in folder.glob("*.tmp"):  # a builder killed mid-write (only the lock holder writes)
             stale.unlink(missing_ok=True)
         table = _build(shards, block_size=block_size)

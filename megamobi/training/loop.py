@@ -155,7 +155,7 @@ class Trainer:
             self._resume(resume_from, saved_layout=saved_layout, reshard=reshard)
         else:
             if self.rank == 0:  # a fresh run: no log lines from an earlier attempt that saved nothing
-                _truncate_metrics(self.run_dir / "metrics.jsonl", after_step=0)
+                truncate_metrics(self.run_dir / "metrics.jsonl", after_step=0)
             if init_from is not None and self.rank == 0:
                 print(f"[megamobi] initialised the model from {init_from} (weights only; fresh optimizer)", flush=True)
         self.logger = MetricsLogger(run_dir=self.run_dir, config=run.logging, enabled=self.rank == 0,
@@ -214,7 +214,8 @@ class Trainer:
             # converted by hand can never leave the stages training different FFNs.
             sync_shared_ffn_replicas(self.engine, self.groups)
         if self.rank == 0:
-            _truncate_metrics(self.run_dir / "metrics.jsonl", after_step=self.state.step)
+            # drop log lines of steps the restored checkpoint never saw: metrics.jsonl reads as if uninterrupted
+            truncate_metrics(self.run_dir / "metrics.jsonl", after_step=self.state.step)
             how = f"resharded from layout {saved_layout}" if reshard else "same layout"
             print(f"[megamobi] resumed from {checkpoint} at step {self.state.step} ({self.state.consumed_samples} "
                   f"samples, {self.state.consumed_tokens} tokens; {how})", flush=True)
@@ -522,8 +523,3 @@ def _gather_hosts() -> list[str]:
     dist.all_gather_object(hosts, socket.gethostname())
     return hosts
 
-
-def _truncate_metrics(path: Path, *, after_step: int) -> None:
-    """After a resume, drop log lines of steps that the restored checkpoint never saw, so that
-    metrics.jsonl reads as if the run had never been interrupted (a torn last line is cut off first)."""
-    truncate_metrics(path, after_step=after_step)

@@ -307,9 +307,9 @@ class Recovery:
         t.step_times.take()  # the abandoned steps' times say nothing about stragglers
         t.window_start, t.window_steps = time.perf_counter(), 0
         if t.rank == 0:
-            from megamobi.training.loop import _truncate_metrics
+            from megamobi.training.append_logs import truncate_metrics
 
-            _truncate_metrics(t.run_dir / "metrics.jsonl", after_step=t.state.step)
+            truncate_metrics(t.run_dir / "metrics.jsonl", after_step=t.state.step)
 
     # --- stragglers -----------------------------------------------------------------------------
     def stragglers(self, *, steps: int) -> list[dict]:
