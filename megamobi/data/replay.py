@@ -249,7 +249,8 @@ class TrainOrder:
         columns = np.arange(length)
         for shard in np.unique(shards):
             mask = shards == shard
-            out[mask] = self.base._bins[int(shard)][rows[mask][:, None], offsets[mask][:, None] + columns[None, :]]
+            tokens = self.base._bins[int(shard)].rows(rows[mask])  # (picks, SEQ_LEN), each row read once
+            out[mask] = np.take_along_axis(tokens, offsets[mask][:, None] + columns[None, :], axis=1)
         return out
 
     def locate(self, base_index: int) -> tuple[Path, int]:

@@ -42,13 +42,20 @@ class ShardBin:
         return self.num_samples
 
     def __getitem__(self, row: int) -> np.ndarray:
+        return np.frombuffer(self._read(int(row)), dtype=TOKEN_DTYPE, count=SEQ_LEN)
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), SEQ_LEN) tokens of several rows (replay's vectorised reads): one pread each."""
+        return np.frombuffer(b"".join(self._read(int(row)) for row in rows), dtype=TOKEN_DTYPE).reshape(-1, SEQ_LEN)
+
+    def _read(self, row: int) -> bytes:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
-        data = os.pread(self._fd, SAMPLE_BYTES, int(row) * SAMPLE_BYTES)
+        data = os.pread(self._fd, SAMPLE_BYTES, row * SAMPLE_BYTES)
         if len(data) < SAMPLE_BYTES:
             raise ShardError(shorter_than_index_line(self.path, size=os.fstat(self._fd).st_size,
                                                      num_samples=self.num_samples))
-        return np.frombuffer(data, dtype=TOKEN_DTYPE, count=SEQ_LEN)
+        return data
 
     def __del__(self) -> None:
         if self._fd is not None:
