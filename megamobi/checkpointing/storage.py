@@ -133,7 +133,8 @@ def check_storage(run, *, world_size: int) -> None:
     Creates nothing that stays (a run_dir that does not exist yet is tested at its nearest parent)."""
     run_dir = Path(run.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
-        raise StorageError(f"storage: run_dir {run_dir} is a file; give a directory")
+        raise StorageError(f"storage: run_dir {run_dir} is a file, not a folder: give the run a folder (a new one, "
+                           "or the run's own) as run_dir")
     checkpoints = run_dir / CHECKPOINTS
     if checkpoints.exists() and not checkpoints.is_dir():
         raise StorageError(f"storage: {checkpoints} is a file; move it away (checkpoints are saved in that folder)")

@@ -101,9 +101,6 @@ class RunLease:
         """Lock or raise LeaseHeld; report() gets the one line of a takeover from a dead job, or the
         warning of a filesystem without locks (then the run goes on unprotected)."""
         path = lease_path(self.run_dir)
-        if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise ConfigError(f"run_dir {self.run_dir} is a file, not a folder: give the run a folder (a new one, or "
-                              "the run's own) as run_dir")
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -159,7 +159,7 @@ def test_a_run_dir_that_is_a_file_stops_rank_0_in_one_line(tmp_path, token_shard
                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
                          env=launch_env(PYTHONPATH=str(REPO), WORLD_SIZE="1"))
     assert out.returncode == 2, out.stderr[-2000:]
-    assert out.stderr.strip() == ("megamobi: error: run_dir afile is a file, not a folder: give the run a folder (a new "
+    assert out.stderr.strip() == ("megamobi: error: storage: run_dir afile is a file, not a folder: give the run a folder (a new "
                                   "one, or the run's own) as run_dir"), out.stderr
     assert (tmp_path / "afile").read_text() == "not a folder"
 
