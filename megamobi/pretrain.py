@@ -11,6 +11,7 @@ so an impossible setting fails in a second with a message that says what to chan
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from megamobi.config_io import ConfigError
@@ -49,7 +50,6 @@ def already_complete(run, *, newest) -> str | None:
     """The one line for a relaunch of a finished run (`newest`, the checkpoint a start would resume
     from, holds the last step, all its files present at their recorded sizes; with --check-only its
     checksums were checked too), or None when there is training left to do."""
-    import os
     from pathlib import Path
 
     from megamobi.checkpointing.manifest import read_manifest
@@ -70,7 +70,6 @@ def already_complete(run, *, newest) -> str | None:
 
 
 def _is_rank0() -> bool:
-    import os
 
     return os.environ.get("RANK", "0") == "0"  # launch_world_size() has mapped SLURM's variables by now
 
@@ -78,7 +77,6 @@ def _is_rank0() -> bool:
 def verify_shards(run, *, check_only: bool, world_size: int) -> None:
     """--verify-shards: the full check of the shards' bytes; the sampled fingerprints that every resume
     compares are cheap but see only 17 blocks per file (megamobi/data/fingerprints.py)."""
-    import os
     import time
 
     from megamobi.data.fingerprints import verify_shard_bytes
@@ -91,6 +89,10 @@ def verify_shards(run, *, check_only: bool, world_size: int) -> None:
         share = "" if world == 1 else f" (rank 0's share; each of the {world} ranks hashed its own)"
         print(f"megamobi: --verify-shards: {count} shards match their manifest.json sha256{share} "
               f"({time.monotonic() - start:.1f} s)", flush=True)
+
+
+# gloo's / NCCL's words when the other end of a collective has gone away (it crashed, or it was killed)
+PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,8 +180,6 @@ def _main(argv: list[str] | None) -> int:
             print(finished)  # last: launch/pretrain.sh shows this line alone and starts no rank
         return 0
     if finished:  # a relaunch of a finished run (a requeue, a re-run script): say so, start no process group
-        import os
-
         if os.environ.get("RANK", "0") == "0":
             print(finished, flush=True)
         return 0
@@ -217,7 +217,15 @@ def _main(argv: list[str] | None) -> int:
         print(f"megamobi: error: {err}", file=sys.stderr, flush=True)
         return SAVE_FAILED
     except RuntimeError as err:
-        if "timed out" not in str(err).lower() and "timeout" not in str(err).lower():
+        message = str(err).lower()
+        if any(sign in message for sign in PEER_GONE):
+            # A peer that ended (its own error, a kill) breaks this rank's collective: say so in one line, so
+            # the log shows the first rank's reason (the launcher's last line names it), not a gloo traceback.
+            print(f"megamobi: error: rank {os.environ.get('RANK', '0')}: another rank ended during a collective "
+                  f"({str(err).splitlines()[0][:160]}); the rank that failed first says why (the launcher's last "
+                  "line names it)", file=sys.stderr, flush=True)
+            return 1
+        if "timed out" not in message and "timeout" not in message:
             raise
         # gloo / NCCL gave up on a collective (launch.collective_timeout_s) before the watchdog did.
         from megamobi.exit_codes import HUNG

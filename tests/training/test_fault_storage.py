@@ -225,14 +225,17 @@ def test_shard_truncated_while_running_is_named(tmp_path, token_shards):
                    checkpoint={"interval_tokens": EVERY_2_STEPS})
     run_yaml = write_run_yaml(tmp_path / "run.yaml", dataclasses.replace(run))
     victim = sorted(data.glob("*.bin"))[0]
-    proc = _launch(run_yaml, MEGAMOBI_FAULTS="slow:rank=0:ms=500")
+    proc = _launch(run_yaml, MEGAMOBI_FAULTS="slow:rank=0:ms=500", NPROC_PER_NODE="2")  # both ranks read it
     _wait_for(proc, lambda: 1 in _logged_steps(tmp_path / "run"))
     os.truncate(victim, SAMPLE_BYTES)  # 20 samples' worth cut to 1, as a re-run preprocessor would
     output = _finish(proc)
     assert proc.returncode == USAGE and proc.returncode != 135, output[-3000:]
     assert "Traceback" not in output and "Bus error" not in output and "SIGBUS" not in output, output[-3000:]
-    [line] = _error_lines(output)
+    line, *peer = _error_lines(output)  # the peer, if the launcher did not stop it first: one line, no traceback
     assert f"shard {victim} is now {SAMPLE_BYTES} bytes, shorter than its index (20 samples" in line, line
+    assert all("another rank ended during a collective" in other for other in peer), peer
+    assert "rank 0 (local rank 0) failed first: exit status 2" in output.splitlines()[-1] or \
+        "rank 1 (local rank 1) failed first: exit status 2" in output.splitlines()[-1], output[-1000:]
     checkpoints = tmp_path / "run" / "checkpoints"
     assert _latest(checkpoints) is None or verify_checkpoint(checkpoints / _latest(checkpoints)) == []
 
