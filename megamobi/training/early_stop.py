@@ -38,7 +38,11 @@ def ignore_late_signals() -> None:
 def requeue_job(job_id: str, *, resumes_from: str = "this checkpoint") -> str:
     """`scontrol requeue JOB`: SLURM ends this allocation and queues the same job again."""
     try:
-        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+        # SLURM signals every process of the job as it requeues it, scontrol included: under load its
+        # SIGTERM could land before scontrol had reported success. An ignored signal stays ignored
+        # across exec, so scontrol answers and ends on its own (within KillWait, long before SIGKILL).
+        done = subprocess.run(["sh", "-c", 'trap "" TERM; exec scontrol requeue "$1"', "requeue", job_id],
+                              capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as err:
         return f"could not requeue SLURM job {job_id} ({err}): resubmit the same command to continue"
     if done.returncode != 0:
