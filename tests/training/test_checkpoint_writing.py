@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import safetensors.torch
 import torch
 from multiproc import free_port, run_ranks
 from run_yaml import write_run_yaml
-from training_runs import descendants, make_run, train_losses
+from training_runs import descendants, latest_name, make_run, train_losses, wait_for
 
 from megamobi.checkpointing.hashed_files import FileDigests, safetensors_save_hashed, torch_save_hashed
 from megamobi.checkpointing.manifest import read_manifest, verify_checkpoint
@@ -57,19 +56,6 @@ def _launch(run_yaml: Path, **env) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def _wait_for(proc, condition, *, timeout=240.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        assert time.monotonic() < deadline, "the run never reached the point to act at"
-        time.sleep(0.01)
-
-
-def _latest(checkpoints: Path) -> str | None:
-    latest = checkpoints / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
-
-
 def _train(rank, run):
     Trainer(run).train()
 
@@ -85,21 +71,21 @@ def test_async_save_killed_signalled_and_resumed_bitwise(tmp_path, token_shards)
 
     # 1: kill -9 (every process) while step 4's background save is under way; step 2's is published.
     proc = _launch(run_yaml, MEGAMOBI_TEST_SAVE_DELAY_S="3")
-    _wait_for(proc, lambda: _latest(checkpoints) == "step_0000002" and (checkpoints / ".step_0000004.partial").exists())
+    wait_for(proc, lambda: latest_name(checkpoints) == "step_0000002" and (checkpoints / ".step_0000004.partial").exists())
     for pid in [proc.pid, *descendants(proc.pid)]:  # the ranks too: they run in sessions of their own
         os.kill(pid, signal.SIGKILL)
     proc.wait()
-    assert _latest(checkpoints) == "step_0000002" and verify_checkpoint(checkpoints / "step_0000002") == []
+    assert latest_name(checkpoints) == "step_0000002" and verify_checkpoint(checkpoints / "step_0000002") == []
     assert not (checkpoints / "step_0000004").exists()
 
     # 2: SIGTERM: the save it triggers runs in the background, and the run exits 75 only once it is published.
     proc = _launch(run_yaml, MEGAMOBI_TEST_SAVE_DELAY_S="2")
     # Not metrics.jsonl's steps: the killed attempt may have logged step 5 before this one truncates them.
-    _wait_for(proc, lambda: _latest(checkpoints) == "step_0000004")
+    wait_for(proc, lambda: latest_name(checkpoints) == "step_0000004")
     os.killpg(proc.pid, signal.SIGTERM)
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == STOPPED_AFTER_SAVE, output[-3000:]
-    stopped_at = _latest(checkpoints)
+    stopped_at = latest_name(checkpoints)
     assert stopped_at is not None and int(stopped_at.split("_")[1]) >= 5, output[-2000:]
     assert verify_checkpoint(checkpoints / stopped_at) == []
     assert not list(checkpoints.glob(".step_*.partial"))
@@ -151,7 +137,7 @@ def test_failed_background_save_is_reported_and_never_published(tmp_path, token_
     with _small_disk(tmp_path / "run" / "checkpoints", size=f"{int(size * 1.5)}") as checkpoints:
         errors = run_ranks(_train_and_report, world_size=2, args=(run,))
         # Step 2's checkpoint fits; step 4's does not: reported, not published, latest unchanged.
-        assert _latest(checkpoints) == "step_0000002" and verify_checkpoint(checkpoints / "step_0000002") == []
+        assert latest_name(checkpoints) == "step_0000002" and verify_checkpoint(checkpoints / "step_0000002") == []
         assert not (checkpoints / "step_0000004").exists() and not list(checkpoints.glob(".step_*.partial"))
         assert any(e and "checkpoint step_0000004 NOT saved" in e and "disk full writing" in e for e in errors), errors
 

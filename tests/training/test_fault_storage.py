@@ -12,14 +12,13 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
 from multiproc import free_port
 from run_yaml import write_run_yaml
-from training_runs import make_run, read_metrics
+from training_runs import latest_name, make_run, read_metrics, wait_for
 
 from megamobi.checkpointing.manifest import verify_checkpoint
 from megamobi.checkpointing.storage import bytes_per_parameter, estimated_checkpoint_bytes
@@ -84,19 +83,6 @@ def _check_only(run_yaml: Path) -> subprocess.CompletedProcess:
 
 def _error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("megamobi: error:")]
-
-
-def _wait_for(proc, condition, *, timeout=240.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        assert time.monotonic() < deadline, "the run never reached the point to act at"
-        time.sleep(0.02)
-
-
-def _latest(checkpoints: Path) -> str | None:
-    latest = checkpoints / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
 
 
 def _logged_steps(run_dir: Path) -> list[int]:
@@ -183,7 +169,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, token_s
         assert "checkpoint step_0000004 NOT saved: rank 0: disk full writing " + str(checkpoints / ".step_0000004.partial") in line, line
         assert "free on its file system" in line and "`latest` still names step_0000002" in line, line
         assert "exit status 74" in output  # launch/pretrain.sh's last line
-        assert _latest(checkpoints) == "step_0000002" and verify_checkpoint(checkpoints / "step_0000002") == []
+        assert latest_name(checkpoints) == "step_0000002" and verify_checkpoint(checkpoints / "step_0000002") == []
         assert not list(checkpoints.glob(".step_*")) and not (checkpoints / "step_0000004").exists()
         assert _logged_steps(tmp_path / "run") == [1, 2, 3, 4]  # stopped at the failed save, not trained on
         # Started again: the start check now knows the real size of a checkpoint, and there is no room for it.
@@ -204,7 +190,7 @@ def test_checkpoints_turned_read_only_during_a_background_save(tmp_path, token_s
         # Steps of ~0.4 s, saves of 1 s: time to turn the file system read-only between the two saves.
         proc = _launch(run_yaml, NPROC_PER_NODE="2", MEGAMOBI_FAULTS="slow:rank=0:ms=400",
                        MEGAMOBI_TEST_SAVE_DELAY_S="1")
-        _wait_for(proc, lambda: _latest(checkpoints) == "step_0000002")
+        wait_for(proc, lambda: latest_name(checkpoints) == "step_0000002")
         _mount("-o", "remount,ro", str(checkpoints))
         output = _finish(proc)
         assert proc.returncode == SAVE_FAILED, output[-3000:]
@@ -214,7 +200,7 @@ def test_checkpoints_turned_read_only_during_a_background_save(tmp_path, token_s
                           rf"file system\) writing {re.escape(str(checkpoints))}/\S+ \(\S+ \S+ free on its file system\)")
         lines = [line for line in _error_lines(output) if said.search(line)]
         assert lines and "`latest` still names step_0000002" in lines[0], output[-3000:]
-        assert _latest(checkpoints) == "step_0000002" and verify_checkpoint(checkpoints / "step_0000002") == []
+        assert latest_name(checkpoints) == "step_0000002" and verify_checkpoint(checkpoints / "step_0000002") == []
         assert not (checkpoints / "step_0000004").exists()
         assert max(_logged_steps(tmp_path / "run")) < 6  # the run stopped; it did not train on unsaved
 
@@ -226,7 +212,7 @@ def test_shard_truncated_while_running_is_named(tmp_path, token_shards):
     run_yaml = write_run_yaml(tmp_path / "run.yaml", dataclasses.replace(run))
     victim = sorted(data.glob("*.bin"))[0]
     proc = _launch(run_yaml, MEGAMOBI_FAULTS="slow:rank=0:ms=500", NPROC_PER_NODE="2")  # both ranks read it
-    _wait_for(proc, lambda: 1 in _logged_steps(tmp_path / "run"))
+    wait_for(proc, lambda: 1 in _logged_steps(tmp_path / "run"))
     os.truncate(victim, SAMPLE_BYTES)  # 20 samples' worth cut to 1, as a re-run preprocessor would
     output = _finish(proc)
     assert proc.returncode == USAGE and proc.returncode != 135, output[-3000:]
@@ -237,7 +223,7 @@ def test_shard_truncated_while_running_is_named(tmp_path, token_shards):
     assert "rank 0 (local rank 0) failed first: exit status 2" in output.splitlines()[-1] or \
         "rank 1 (local rank 1) failed first: exit status 2" in output.splitlines()[-1], output[-1000:]
     checkpoints = tmp_path / "run" / "checkpoints"
-    assert _latest(checkpoints) is None or verify_checkpoint(checkpoints / _latest(checkpoints)) == []
+    assert latest_name(checkpoints) is None or verify_checkpoint(checkpoints / latest_name(checkpoints)) == []
 
 
 def test_a_shard_cut_short_under_an_open_dataset_is_named_not_a_sigbus(tmp_path, token_shards):

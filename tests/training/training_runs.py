@@ -1,6 +1,7 @@
 """Small real training runs for the tests: a run config of the test model, and its logs."""
 
 import json
+import time
 from pathlib import Path
 
 from megamobi.config_io import from_dict
@@ -53,3 +54,18 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def wait_for(proc, condition, *, timeout: float = 240.0) -> None:
+    """Poll `condition()` while the launched run `proc` is alive (its output on failure)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "the run never reached the point to act at"
+        time.sleep(0.01)
+
+
+def latest_name(checkpoints: Path) -> str | None:
+    """What `checkpoints/latest` names, or None."""
+    latest = checkpoints / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
