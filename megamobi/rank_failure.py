@@ -82,7 +82,7 @@ def describe_status(status: int) -> str:
                  "SIGBUS": " (a memory-mapped file was cut short while the rank read it; its Python stack is above)"}
         hint = hints.get(name, "")
         return f"killed by {name}{hint}, exit status {status}"
-    meaning = {USAGE: "a user error caught before training", FAILED: "an error", NON_FINITE: "non-finite losses",
+    meaning = {USAGE: "a user error caught before training", FAILED: "an error", NON_FINITE: "stopped on bad steps: non-finite values or divergence",
                HUNG: "hung, stopped by the hang watchdog", SAVE_FAILED: "a checkpoint could not be saved"}
     return f"exit status {status}" + (f" ({meaning[status]})" if status in meaning else "")
 

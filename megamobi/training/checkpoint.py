@@ -168,8 +168,7 @@ def save_checkpoint(*, run_dir: Path, engine, state: TrainerState, model_config:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         except OSError as err:  # a read-only or full file system: nothing written, nothing to remove
-            reason = describe_write_error(err, directory=root) or f"{type(err).__name__}: {err}"
-            started = CheckpointNotSaved(not_saved_line(name, reason=reason, root=root))
+            started = CheckpointNotSaved(not_saved_line(name, reason=_in_words(err, root=root), root=root))
     agree_saved(started, root=root, name=name)  # also the barrier: the partial directory exists for every rank
     job = writer.new_job(partial)
     engine.checkpoint_engine.job = job  # DeepSpeed's state dicts go into the job (safe_deepspeed)
@@ -193,7 +192,7 @@ def save_checkpoint(*, run_dir: Path, engine, state: TrainerState, model_config:
         except Exception as err:
             failed = err
             # In words before the rank's files go (the free space is what the writer met).
-            reason = describe_write_error(err, directory=root) or f"{type(err).__name__}: {err}"
+            reason = _in_words(err, root=root)
             job.discard()  # a full disk gets its space back, so the report below can be written
             try:
                 report_rank_done(partial, rank=rank, files=None, error=reason)
@@ -207,8 +206,7 @@ def save_checkpoint(*, run_dir: Path, engine, state: TrainerState, model_config:
                 publish_checkpoint(partial, final, model_config=model_config, info=manifest_info, digests=digests)
             except Exception as err:
                 shutil.rmtree(partial, ignore_errors=True)
-                why = str(err) if isinstance(err, CheckpointNotSaved) else (
-                    describe_write_error(err, directory=root) or f"{type(err).__name__}: {err}")
+                why = str(err) if isinstance(err, CheckpointNotSaved) else _in_words(err, root=root)
                 raise CheckpointNotSaved(not_saved_line(name, reason=why, root=root, partial=partial)) from None
             prune_checkpoints(run_dir, keep_last=keep_last, protect=(final, *protect), newest_healthy=final)
             if writer.background:
@@ -223,6 +221,12 @@ def save_checkpoint(*, run_dir: Path, engine, state: TrainerState, model_config:
     if not writer.background:
         agree_saved(None, root=root, name=name)
     return final
+
+
+def _in_words(err: BaseException, *, root: Path) -> str:
+    """Why a checkpoint write failed: "disk full ..." / "permission denied ..." with the path and free
+    space, or the error itself."""
+    return describe_write_error(err, directory=root) or f"{type(err).__name__}: {err}"
 
 
 def not_saved_line(name: str, *, reason: str, root: Path, partial: Path | None = None) -> str:
